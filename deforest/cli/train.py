@@ -1,0 +1,117 @@
+"""``deforest-train``: fit, test the best checkpoint, write ``metrics.json`` and ``summary.md``."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import hydra
+import lightning.pytorch as pl
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from deforest.datamodule import TileDataModule
+from deforest.module import TileClassifier
+
+log = logging.getLogger(__name__)
+
+CONFIG_PATH = "pkg://deforest.conf"
+
+
+def build_datamodule(data_cfg: DictConfig) -> TileDataModule:
+    """The datamodule from the ``data`` group (``root`` only feeds the layout)."""
+    options = OmegaConf.to_container(data_cfg, resolve=True)
+    options.pop("root", None)
+    layout = instantiate(options.pop("layout"))
+    augment = instantiate(options.pop("augment", None) or [])
+    return TileDataModule(layout=layout, augment=list(augment), **options)
+
+
+def build_model(model_cfg: DictConfig, loss_cfg: DictConfig, datamodule: TileDataModule) -> TileClassifier:
+    """The classifier, sized and normalised from what the datamodule found."""
+    options = OmegaConf.to_container(model_cfg, resolve=True)
+    task = options.pop("task", None) or datamodule.task
+    if task != datamodule.task:
+        raise ValueError(f"model.task={task} but the data is {datamodule.task}")
+    optimizer = instantiate(options.pop("optimizer"))
+    scheduler = instantiate(options.pop("scheduler", None))
+    loss = OmegaConf.to_container(loss_cfg, resolve=True)
+    criterion = instantiate(loss.pop("criterion", None))
+    return TileClassifier(
+        task=task,
+        class_names=datamodule.class_names,
+        band_mean=datamodule.band_mean,
+        band_std=datamodule.band_std,
+        log_scale=datamodule.log_scale,
+        bands=datamodule.bands,
+        tile_size=list(datamodule.tile_size),
+        loss=loss,
+        optimizer=optimizer,
+        scheduler=scheduler,
+        criterion=criterion,
+        **options,
+    )
+
+
+def _instantiate_group(group: DictConfig | None) -> list[Any]:
+    if not group:
+        return []
+    return [instantiate(node) for node in group.values() if node is not None and "_target_" in node]
+
+
+def train(cfg: DictConfig) -> dict[str, float]:
+    """Fit, test the best checkpoint and write the run's records; returns the metrics."""
+    if cfg.get("seed") is not None:
+        pl.seed_everything(cfg.seed, workers=True)
+    output_dir = Path(cfg.paths.output_dir)
+    datamodule = build_datamodule(cfg.data)
+    datamodule.setup("fit")
+    model = build_model(cfg.model, cfg.loss, datamodule)
+    trainer: pl.Trainer = instantiate(
+        cfg.trainer, callbacks=_instantiate_group(cfg.get("callbacks")), logger=_instantiate_group(cfg.get("logger"))
+    )
+    trainer.fit(model, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+    metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
+    if cfg.get("test"):
+        best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
+        results = trainer.test(model, datamodule=datamodule, ckpt_path=best or None, verbose=False)
+        metrics.update({k: float(v) for k, v in results[0].items()})
+        metrics["best_checkpoint"] = best
+    if trainer.is_global_zero:
+        _write_records(output_dir, metrics, cfg, datamodule)
+    return metrics
+
+
+def _write_records(output_dir: Path, metrics: dict[str, Any], cfg: DictConfig, dm: TileDataModule) -> None:
+    output_dir.mkdir(parents=True, exist_ok=True)
+    (output_dir / "metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True))
+    headline = [k for k in ("test/accuracy", "test/f1_macro", "test/f1_micro", "test/map") if k in metrics]
+    lines = [
+        "# deforest run summary",
+        "",
+        f"- data: `{cfg.data.root}` ({dm.task}, {len(dm.class_names)} classes, bands {dm.bands}, "
+        f"tiles {dm.tile_size[0]}x{dm.tile_size[1]})",
+        f"- splits: " + ", ".join(f"{s} {len(d)}" for s, d in dm.datasets.items()),
+        f"- model: {cfg.model.backbone}, loss scheme {cfg.loss.scheme} ({cfg.loss.normalize})",
+        f"- best checkpoint: `{metrics.get('best_checkpoint', '')}`",
+        "",
+        "| metric | value |",
+        "|---|---|",
+        *[f"| {k} | {metrics[k]:.4f} |" for k in headline],
+        "",
+    ]
+    (output_dir / "summary.md").write_text("\n".join(lines))
+    log.info("metrics: %s", {k: round(metrics[k], 4) for k in headline})
+
+
+@hydra.main(version_base="1.3", config_path=CONFIG_PATH, config_name="train")
+def main(cfg: DictConfig) -> float | None:
+    metrics = train(cfg)
+    objective = cfg.get("optimized_metric")
+    return metrics.get(objective) if objective else None
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,343 @@
+"""The Lightning datamodule: index, split, validate, measure band statistics, load.
+
+Everything that can fail on bad input fails in :meth:`TileDataModule.setup`, in the main
+process and before the first training step, with the file named.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import albumentations as A
+import lightning.pytorch as pl
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from deforest.datasets import MULTICLASS, SPLITS, DatasetError, TileIndex, TileLayout, describe_split_counts
+from deforest.io import TileError, file_fingerprint, read_header, resolve_bands
+from deforest.splits import assign_splits
+from deforest.transforms import build_augmentation
+
+log = logging.getLogger(__name__)
+
+STATS_VERSION = 1
+
+
+class TileDataset(Dataset):
+    """Samples of one split: reads a tile, augments it, returns raw band values.
+
+    Items are dicts ``{"image": float32 [C, H, W], "target": ..., "index": int}``; the
+    index points back into :attr:`sources` so errors and reports can name files.
+    """
+
+    def __init__(
+        self,
+        layout: TileLayout,
+        sources: Sequence[str],
+        targets: np.ndarray,
+        bands: Sequence[int],
+        augment: A.Compose | None = None,
+    ) -> None:
+        self.layout = layout
+        self.sources = list(sources)
+        self.targets = targets
+        self.bands = list(bands)
+        self.augment = augment
+
+    def __len__(self) -> int:
+        return len(self.sources)
+
+    def read(self, i: int) -> np.ndarray:
+        """The tile's selected bands as float32 ``[C, H, W]``; non-finite values are an error."""
+        image = self.layout.read(self.sources[i], self.bands)
+        if not np.isfinite(image).all():
+            raise TileError(self.sources[i], "contains NaN or infinite pixel values")
+        return image
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor | int]:
+        image = self.read(i)
+        if self.augment is not None:
+            image = self.augment(image=image.transpose(1, 2, 0))["image"].transpose(2, 0, 1)
+        target = torch.as_tensor(self.targets[i])
+        return {"image": torch.from_numpy(np.ascontiguousarray(image)), "target": target, "index": i}
+
+
+class TileDataModule(pl.LightningDataModule):
+    """Splits a tile layout into train/val/test and serves DataLoaders.
+
+    Args:
+        layout: where and how tiles are stored (``folder``, ``manifest``, ``bigearthnet``).
+        bands: band names or 1-based indexes to read; ``None`` reads all.
+        batch_size, num_workers, pin_memory, persistent_workers: DataLoader settings.
+        val_fraction, test_fraction: shares for samples without a given split.
+        seed: seeds the split and the statistics sample.
+        augment: albumentations transforms for training (instantiated by Hydra).
+        log_scale: normalise ``log1p`` of the values (stored with the statistics).
+        cache_dir: where band statistics are cached, keyed by the training file list.
+        stats_max_samples: at most this many training tiles (seeded sample) for statistics.
+        imbalance: ``{class name: kept fraction}`` (``"*"`` for the rest) to subsample the
+            training split into an imbalanced one, for imbalance experiments.
+        validate: ``quick`` reads every header, ``full`` also every pixel, ``off`` trusts.
+    """
+
+    def __init__(
+        self,
+        layout: TileLayout,
+        bands: Sequence[int | str] | None = None,
+        batch_size: int = 32,
+        num_workers: int = 0,
+        pin_memory: bool = False,
+        persistent_workers: bool = False,
+        val_fraction: float = 0.1,
+        test_fraction: float = 0.2,
+        seed: int = 42,
+        augment: Sequence[A.BasicTransform] | None = None,
+        log_scale: bool = True,
+        cache_dir: str | None = None,
+        stats_max_samples: int = 5000,
+        imbalance: Mapping[str, float] | None = None,
+        validate: str = "quick",
+    ) -> None:
+        super().__init__()
+        if batch_size < 1:
+            raise ValueError(f"data.batch_size must be >= 1, got {batch_size}")
+        if not 0 <= val_fraction < 1 or not 0 <= test_fraction < 1 or val_fraction + test_fraction >= 1:
+            raise ValueError(
+                f"data.val_fraction={val_fraction} and data.test_fraction={test_fraction} must leave a training share"
+            )
+        if validate not in ("quick", "full", "off"):
+            raise ValueError(f"data.validate must be quick, full or off, not {validate!r}")
+        self.layout = layout
+        self.band_selection = None if bands is None else list(bands)
+        self.batch_size = batch_size
+        self.num_workers = num_workers
+        self.pin_memory = pin_memory
+        self.persistent_workers = persistent_workers and num_workers > 0
+        self.val_fraction = val_fraction
+        self.test_fraction = test_fraction
+        self.seed = seed
+        self.augment_transforms = list(augment or [])
+        self.log_scale = log_scale
+        self.cache_dir = Path(cache_dir).expanduser() if cache_dir else None
+        self.stats_max_samples = stats_max_samples
+        self.imbalance = dict(imbalance) if imbalance else None
+        self.validate = validate
+        self.index: TileIndex | None = None
+        self.assignment: list[str] = []
+        self.datasets: dict[str, TileDataset] = {}
+
+    # ---- what the model needs to know -------------------------------------------------
+    @property
+    def task(self) -> str:
+        return self._index().task
+
+    @property
+    def class_names(self) -> list[str]:
+        return self._index().class_names
+
+    @property
+    def num_bands(self) -> int:
+        return len(self.bands)
+
+    def _index(self) -> TileIndex:
+        if self.index is None:
+            raise RuntimeError("call setup() first")
+        return self.index
+
+    # ---- setup ------------------------------------------------------------------------
+    def setup(self, stage: str | None = None) -> None:
+        if self.index is not None:
+            return
+        index = self.layout.build_index()
+        if len(index) == 0:
+            raise DatasetError(f"{self.layout.root}: no tiles found")
+        first = read_header(self.layout.header_source(index.sources[0]))
+        self.bands = resolve_bands(self.band_selection, self.layout.band_names, first.count)
+        assignment = assign_splits(index, self.val_fraction, self.test_fraction, self.seed)
+        if self.imbalance:
+            keep = self._imbalance_mask(index, assignment)
+            index = _subset(index, keep)
+            assignment = [a for a, k in zip(assignment, keep) if k]
+        self.index, self.assignment = index, assignment
+        self._check_splits()
+        self.tile_size = self._validate_headers(first)
+        if self.validate == "full":
+            self._validate_pixels()
+        self.band_mean, self.band_std = self._band_statistics()
+        augment = build_augmentation(self.augment_transforms, self.num_bands, self.tile_size)
+        for split in SPLITS:
+            rows = [i for i, a in enumerate(assignment) if a == split]
+            self.datasets[split] = TileDataset(
+                self.layout,
+                [index.sources[i] for i in rows],
+                index.targets[rows],
+                self.bands,
+                augment if split == "train" else None,
+            )
+        counts = {s: len(d) for s, d in self.datasets.items()}
+        log.info("%d tiles, %d classes, bands %s, splits %s", len(index), index.num_classes, self.bands, counts)
+
+    def _imbalance_mask(self, index: TileIndex, assignment: list[str]) -> np.ndarray:
+        """Keep each training sample with the fraction of its (rarest kept) class."""
+        fractions = np.asarray(
+            [self.imbalance.get(name, self.imbalance.get("*", 1.0)) for name in index.class_names]
+        )
+        unknown = set(self.imbalance) - set(index.class_names) - {"*"}
+        if unknown:
+            raise ValueError(f"data.imbalance names unknown classes {sorted(unknown)}")
+        one_hot = index.one_hot().astype(bool)
+        per_sample = np.where(one_hot, fractions[None, :], np.inf).min(axis=1)
+        per_sample[np.isinf(per_sample)] = fractions.min()
+        rng = np.random.default_rng(self.seed)
+        draw = rng.random(len(index))
+        is_train = np.asarray(assignment) == "train"
+        return ~is_train | (draw < per_sample)
+
+    def _check_splits(self) -> None:
+        index = self._index()
+        assignment = np.asarray(self.assignment)
+        for split in ("train", "val"):
+            if not (assignment == split).any():
+                raise DatasetError(f"{self.layout.root}: the {split} split is empty")
+        if index.task == MULTICLASS:
+            present = set(index.targets[assignment == "train"].tolist())
+            absent = [n for i, n in enumerate(index.class_names) if i not in present]
+            if absent:
+                raise DatasetError(
+                    f"{self.layout.root}: class(es) {absent} have no tile in the training split"
+                )
+
+    def _validate_headers(self, first) -> tuple[int, int]:
+        """Every tile must have the first tile's band count and size (``validate=quick``)."""
+        size = (first.height, first.width)
+        if self.validate == "off":
+            return size
+        cached = self._cache_load("headers")
+        if cached is not None:
+            return tuple(cached["tile_size"])
+        for source in self._index().sources:
+            path = self.layout.header_source(source)
+            header = read_header(path)
+            if header.count != first.count:
+                raise TileError(path, f"has {header.count} bands, the dataset's tiles have {first.count}")
+            if (header.height, header.width) != size:
+                raise TileError(
+                    path, f"is {header.height}x{header.width} pixels, the dataset's tiles are {size[0]}x{size[1]}"
+                )
+        self._cache_store("headers", {"tile_size": list(size)})
+        return size
+
+    def _validate_pixels(self) -> None:
+        """Read every pixel once (``validate=full``): unreadable or non-finite tiles fail here."""
+        for split in SPLITS:
+            rows = [i for i, a in enumerate(self.assignment) if a == split]
+            probe = TileDataset(self.layout, [self._index().sources[i] for i in rows], self._index().targets[rows], self.bands)
+            for i in range(len(probe)):
+                probe.read(i)
+
+    def _band_statistics(self) -> tuple[list[float], list[float]]:
+        """Per-band mean/std over (a seeded sample of) the training split, cached as JSON."""
+        cached = self._cache_load("stats")
+        if cached is not None:
+            return cached["mean"], cached["std"]
+        rows = [i for i, a in enumerate(self.assignment) if a == "train"]
+        rng = np.random.default_rng(self.seed)
+        if len(rows) > self.stats_max_samples:
+            rows = sorted(rng.choice(rows, self.stats_max_samples, replace=False).tolist())
+        reader = TileDataset(self.layout, [self._index().sources[i] for i in rows], self._index().targets[rows], self.bands)
+        total = np.zeros(self.num_bands)
+        total_sq = np.zeros(self.num_bands)
+        n = 0
+        for i in range(len(reader)):
+            image = reader.read(i).astype(np.float64)
+            if self.log_scale:
+                image = np.log1p(np.clip(image, 0, None))
+            total += image.sum(axis=(1, 2))
+            total_sq += (image**2).sum(axis=(1, 2))
+            n += image.shape[1] * image.shape[2]
+        mean = total / n
+        std = np.sqrt(np.maximum(total_sq / n - mean**2, 0.0))
+        std = np.where(std > 1e-6, std, 1.0)  # constant bands: centre, do not blow up
+        stats = {"mean": mean.tolist(), "std": std.tolist()}
+        self._cache_store("stats", stats)
+        return stats["mean"], stats["std"]
+
+    # ---- cache keyed by what the result depends on ------------------------------------
+    def _cache_key(self, kind: str) -> str:
+        rows = [i for i, a in enumerate(self.assignment) if a == "train"] if kind == "stats" else range(len(self._index()))
+        sources = [self._index().sources[i] for i in rows]
+        files = [self.layout.header_source(s) for s in sources]
+        payload = {
+            "version": STATS_VERSION,
+            "kind": kind,
+            "bands": self.bands,
+            "log_scale": self.log_scale,
+            "max_samples": self.stats_max_samples,
+            "seed": self.seed,
+            "files": file_fingerprint(files),
+        }
+        return hashlib.sha256(json.dumps(payload).encode()).hexdigest()[:24]
+
+    def _cache_load(self, kind: str) -> dict | None:
+        if self.cache_dir is None:
+            return None
+        path = self.cache_dir / f"{kind}-{self._cache_key(kind)}.json"
+        if not path.is_file():
+            return None
+        try:
+            return json.loads(path.read_text())
+        except json.JSONDecodeError:
+            return None
+
+    def _cache_store(self, kind: str, value: dict) -> None:
+        if self.cache_dir is None:
+            return
+        self.cache_dir.mkdir(parents=True, exist_ok=True)
+        path = self.cache_dir / f"{kind}-{self._cache_key(kind)}.json"
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(value))
+        tmp.replace(path)
+
+    # ---- loaders ------------------------------------------------------------------------
+    def split_counts(self) -> dict[str, dict[str, int]]:
+        """Per split, tiles carrying each class."""
+        return describe_split_counts(self._index(), self.assignment)
+
+    def _loader(self, split: str, shuffle: bool) -> DataLoader:
+        dataset = self.datasets[split]
+        return DataLoader(
+            dataset,
+            batch_size=self.batch_size,
+            shuffle=shuffle,
+            # A last training batch of one sample breaks batch norm; drop the remainder.
+            drop_last=shuffle and len(dataset) > self.batch_size,
+            num_workers=self.num_workers,
+            pin_memory=self.pin_memory,
+            persistent_workers=self.persistent_workers,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader("train", shuffle=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader("val", shuffle=False)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader("test", shuffle=False)
+
+
+def _subset(index: TileIndex, keep: np.ndarray) -> TileIndex:
+    rows = np.flatnonzero(keep)
+    return TileIndex(
+        index.task,
+        index.class_names,
+        [index.sources[i] for i in rows],
+        index.targets[rows],
+        [index.splits[i] for i in rows],
+        {k: [v[i] for i in rows] for k, v in index.meta.items()},
+    )

@@ -1,0 +1,82 @@
+"""Backbones adapted to N input bands and small tiles.
+
+torchvision's ImageNet networks expect 3 bands and 224 px images: their stem (a stride-2
+7x7 convolution and a max-pool) shrinks a 64 px tile to 16 px before the first block. The
+``small_tile_stem`` option swaps it for a stride-1 3x3 convolution and keeps the max-pool,
+which keeps four times as many positions at modest cost.
+"""
+
+from __future__ import annotations
+
+import torch
+import torchvision
+from torch import nn
+
+BACKBONES = ("small_cnn", "resnet18", "resnet34", "resnet50", "efficientnet_b0")
+
+
+def _conv_block(c_in: int, c_out: int) -> nn.Sequential:
+    return nn.Sequential(
+        nn.Conv2d(c_in, c_out, 3, padding=1, bias=False),
+        nn.BatchNorm2d(c_out),
+        nn.ReLU(inplace=True),
+        nn.Conv2d(c_out, c_out, 3, padding=1, bias=False),
+        nn.BatchNorm2d(c_out),
+        nn.ReLU(inplace=True),
+    )
+
+
+class SmallCNN(nn.Module):
+    """Four VGG-style blocks with batch norm and global average pooling: fast on a CPU."""
+
+    def __init__(self, in_channels: int, num_classes: int, width: int = 32, dropout: float = 0.2) -> None:
+        super().__init__()
+        widths = [width, width * 2, width * 4, width * 8]
+        layers: list[nn.Module] = []
+        c_in = in_channels
+        for i, c_out in enumerate(widths):
+            layers.append(_conv_block(c_in, c_out))
+            if i < len(widths) - 1:
+                layers.append(nn.MaxPool2d(2))
+            c_in = c_out
+        self.features = nn.Sequential(*layers)
+        self.head = nn.Sequential(
+            nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Dropout(dropout), nn.Linear(c_in, num_classes)
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(x))
+
+
+def build_backbone(
+    name: str,
+    in_channels: int,
+    num_classes: int,
+    small_tile_stem: bool = False,
+    width: int = 32,
+    dropout: float = 0.2,
+) -> nn.Module:
+    """A classifier taking ``[N, in_channels, H, W]`` and returning ``[N, num_classes]`` logits.
+
+    Weights start random: these machines have no model hub, and ImageNet RGB weights fit
+    13-band reflectance poorly anyway.
+    """
+    if name == "small_cnn":
+        return SmallCNN(in_channels, num_classes, width=width, dropout=dropout)
+    if name in ("resnet18", "resnet34", "resnet50"):
+        net = getattr(torchvision.models, name)(weights=None, num_classes=num_classes)
+        if small_tile_stem:
+            net.conv1 = nn.Conv2d(in_channels, 64, 3, stride=1, padding=1, bias=False)
+        else:
+            net.conv1 = nn.Conv2d(in_channels, 64, 7, stride=2, padding=3, bias=False)
+        if dropout:
+            net.fc = nn.Sequential(nn.Dropout(dropout), net.fc)
+        return net
+    if name == "efficientnet_b0":
+        net = torchvision.models.efficientnet_b0(weights=None, num_classes=num_classes)
+        stem = net.features[0][0]
+        net.features[0][0] = nn.Conv2d(
+            in_channels, stem.out_channels, 3, stride=1 if small_tile_stem else 2, padding=1, bias=False
+        )
+        return net
+    raise ValueError(f"unknown backbone {name!r}; choose from {BACKBONES}")

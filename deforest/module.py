@@ -1,0 +1,234 @@
+"""The LightningModule: one classifier for multi-class and multi-label tiles.
+
+The module receives raw band values and normalises them itself, so a checkpoint carries
+everything a prediction needs: bands, statistics, class names, task and thresholds.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from torch import Tensor
+from torchmetrics import MetricCollection
+from torchmetrics.classification import (
+    MulticlassAccuracy,
+    MulticlassF1Score,
+    MulticlassPrecision,
+    MulticlassRecall,
+    MultilabelAveragePrecision,
+    MultilabelF1Score,
+    MultilabelPrecision,
+    MultilabelRecall,
+)
+
+from deforest.datasets import MULTICLASS, MULTILABEL
+from deforest.losses import Criterion, DynamicWeightedLoss
+from deforest.models import build_backbone
+from deforest.transforms import BandNormalizer, d4_views
+
+OptimizerFactory = Callable[..., torch.optim.Optimizer]
+SchedulerFactory = Callable[..., Any]
+
+
+class TileClassifier(pl.LightningModule):
+    """A CNN over N-band tiles with a multi-class (softmax) or multi-label (sigmoid) head.
+
+    Args:
+        task: ``multiclass`` or ``multilabel``.
+        class_names: one per output.
+        band_mean, band_std, log_scale: input normalisation (see :class:`BandNormalizer`).
+        bands, tile_size: what the model was trained on, kept for prediction.
+        backbone, small_tile_stem, width, dropout: see :func:`deforest.models.build_backbone`.
+        loss: keyword arguments of :class:`DynamicWeightedLoss` (``scheme``, ``normalize``, ...).
+        optimizer: ``optimizer(params)`` factory (a Hydra partial).
+        scheduler: ``scheduler(optimizer, ...)`` factory; ``total_steps`` / ``T_max`` are
+            filled in from the trainer when the scheduler takes them and the config does not.
+        scheduler_interval: ``step`` or ``epoch``.
+        tta: average predictions over the eight flips/rotations in val, test and predict.
+        thresholds: multi-label decision thresholds, one per label (0.5 when not given).
+        nonfinite_loss: ``error`` stops on a NaN/inf loss naming the batch; ``skip`` skips it.
+        criterion: optional custom loss receiving the batch weights.
+    """
+
+    def __init__(
+        self,
+        task: str,
+        class_names: Sequence[str],
+        band_mean: Sequence[float],
+        band_std: Sequence[float],
+        log_scale: bool = True,
+        bands: Sequence[int] | None = None,
+        tile_size: Sequence[int] | None = None,
+        backbone: str = "small_cnn",
+        small_tile_stem: bool = True,
+        width: int = 32,
+        dropout: float = 0.2,
+        loss: Mapping[str, Any] | None = None,
+        optimizer: OptimizerFactory | None = None,
+        scheduler: SchedulerFactory | None = None,
+        scheduler_interval: str = "step",
+        tta: bool = False,
+        thresholds: Sequence[float] | None = None,
+        nonfinite_loss: str = "error",
+        criterion: Criterion | None = None,
+    ) -> None:
+        super().__init__()
+        if task not in (MULTICLASS, MULTILABEL):
+            raise ValueError(f"model.task must be {MULTICLASS} or {MULTILABEL}, not {task!r}")
+        if nonfinite_loss not in ("error", "skip"):
+            raise ValueError(f"model.nonfinite_loss must be error or skip, not {nonfinite_loss!r}")
+        self.save_hyperparameters(ignore=["optimizer", "scheduler", "criterion"])
+        self.task = task
+        self.class_names = list(class_names)
+        num_classes = len(self.class_names)
+        self.normalizer = BandNormalizer(band_mean, band_std, log_scale)
+        self.net = build_backbone(backbone, len(band_mean), num_classes, small_tile_stem, width, dropout)
+        loss_options = dict(loss or {})
+        self.criterion = DynamicWeightedLoss(task, num_classes, criterion=criterion, **loss_options)
+        self.optimizer_factory = optimizer
+        self.scheduler_factory = scheduler
+        self.scheduler_interval = scheduler_interval
+        self.tta = tta
+        self.nonfinite_loss = nonfinite_loss
+        self.register_buffer(
+            "thresholds",
+            torch.as_tensor(thresholds if thresholds is not None else [0.5] * num_classes, dtype=torch.float32),
+        )
+        self.metrics = torch.nn.ModuleDict({stage: self._metrics() for stage in ("val", "test")})
+
+    # ---- metrics ------------------------------------------------------------------------
+    def _metrics(self) -> MetricCollection:
+        c = len(self.class_names)
+        if self.task == MULTICLASS:
+            return MetricCollection(
+                {
+                    "accuracy": MulticlassAccuracy(c, average="micro"),
+                    "f1_macro": MulticlassF1Score(c, average="macro"),
+                    "recall": MulticlassRecall(c, average="none"),
+                    "precision": MulticlassPrecision(c, average="none"),
+                }
+            )
+        return MetricCollection(
+            {
+                "f1_micro": MultilabelF1Score(c, average="micro"),
+                "f1_macro": MultilabelF1Score(c, average="macro"),
+                "map": MultilabelAveragePrecision(c, average="macro"),
+                "recall": MultilabelRecall(c, average="none"),
+                "precision": MultilabelPrecision(c, average="none"),
+            }
+        )
+
+    # ---- forward ------------------------------------------------------------------------
+    def forward(self, x: Tensor) -> Tensor:
+        """Logits for raw band values ``[N, C, H, W]``."""
+        return self.net(self.normalizer(x))
+
+    def predict_proba(self, x: Tensor) -> Tensor:
+        """Class probabilities (softmax) or label probabilities (sigmoid), with TTA if set."""
+        views = d4_views(x) if self.tta else [x]
+        activate = (lambda z: z.softmax(dim=1)) if self.task == MULTICLASS else torch.sigmoid
+        return torch.stack([activate(self(v)) for v in views]).mean(dim=0)
+
+    def _metric_targets(self, probs: Tensor, target: Tensor) -> tuple[Tensor, Tensor]:
+        if self.task == MULTICLASS:
+            return probs, target
+        # torchmetrics thresholds at one value; shifting by the per-label threshold applies ours.
+        return (probs - self.thresholds + 0.5).clamp(0, 1), target.long()
+
+    # ---- steps --------------------------------------------------------------------------
+    def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor | None:
+        logits = self(batch["image"])
+        loss = self.criterion(logits, batch["target"])
+        if not torch.isfinite(loss):  # one host sync per step, outside the loss path
+            if self.nonfinite_loss == "skip":
+                self.log("train/skipped_batches", 1.0, on_step=False, on_epoch=True, reduce_fx="sum")
+                return None
+            raise FloatingPointError(
+                f"non-finite training loss ({loss.detach().item()}) at global step {self.global_step}, "
+                f"batch {batch_idx}; files: {self._batch_files(batch)}"
+            )
+        n = batch["target"].shape[0]
+        self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=True, batch_size=n, sync_dist=True)
+        counts, weights = self.criterion.last_counts, self.criterion.last_weights
+        for name, value in (("count", counts), ("weight", weights)):
+            self.log(f"train/{name}_mean", value.mean(), on_step=False, on_epoch=True, batch_size=n)
+            self.log(f"train/{name}_min", value.min(), on_step=False, on_epoch=True, reduce_fx="min", batch_size=n)
+            self.log(f"train/{name}_max", value.max(), on_step=False, on_epoch=True, reduce_fx="max", batch_size=n)
+        return loss
+
+    def _batch_files(self, batch: dict[str, Tensor]) -> list[str]:
+        datamodule = getattr(self.trainer, "datamodule", None)
+        dataset = getattr(datamodule, "datasets", {}).get("train") if datamodule else None
+        indexes = batch["index"].tolist()
+        return [dataset.sources[i] for i in indexes] if dataset is not None else [str(i) for i in indexes]
+
+    def _eval_step(self, batch: dict[str, Tensor], stage: str) -> None:
+        probs = self.predict_proba(batch["image"])
+        target = batch["target"]
+        if self.task == MULTICLASS:
+            loss = torch.nn.functional.nll_loss(probs.clamp_min(1e-8).log(), target)
+        else:
+            loss = torch.nn.functional.binary_cross_entropy(probs.clamp(1e-7, 1 - 1e-7), target.float())
+        self.log(f"{stage}/loss", loss, on_epoch=True, prog_bar=stage == "val", batch_size=target.shape[0], sync_dist=True)
+        self.metrics[stage].update(*self._metric_targets(probs, target))
+
+    def _log_metrics(self, stage: str) -> None:
+        values = self.metrics[stage].compute()
+        for name, value in values.items():
+            if value.ndim == 0:
+                self.log(f"{stage}/{name}", value, prog_bar=name in ("accuracy", "f1_macro"))
+            else:
+                for class_name, v in zip(self.class_names, value):
+                    self.log(f"{stage}/{name}/{class_name}", v)
+        self.metrics[stage].reset()
+
+    def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
+        self._eval_step(batch, "val")
+
+    def on_validation_epoch_end(self) -> None:
+        self._log_metrics("val")
+
+    def test_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
+        self._eval_step(batch, "test")
+
+    def on_test_epoch_end(self) -> None:
+        self._log_metrics("test")
+
+    def predict_step(self, batch: dict[str, Tensor] | Tensor, batch_idx: int) -> Tensor:
+        image = batch["image"] if isinstance(batch, dict) else batch
+        return self.predict_proba(image)
+
+    # ---- fit hooks ----------------------------------------------------------------------
+    def on_train_start(self) -> None:
+        """``static`` weighting takes the whole training split's label counts, once."""
+        if self.criterion.scheme != "static":
+            return
+        targets = torch.as_tensor(self.trainer.train_dataloader.dataset.targets)
+        if self.task == MULTICLASS:
+            counts = torch.bincount(targets, minlength=len(self.class_names)).float()
+        else:
+            counts = targets.float().sum(dim=0)
+        self.criterion.set_static_counts(counts, float(len(targets)))
+
+    def configure_optimizers(self) -> Any:
+        if self.optimizer_factory is None:
+            raise ValueError("no optimizer configured (model.optimizer)")
+        optimizer = self.optimizer_factory(params=self.parameters())
+        if self.scheduler_factory is None:
+            return optimizer
+        kwargs: dict[str, Any] = {}
+        target = getattr(self.scheduler_factory, "func", self.scheduler_factory)
+        params = inspect.signature(target).parameters
+        given = getattr(self.scheduler_factory, "keywords", {})
+        steps = int(self.trainer.estimated_stepping_batches)
+        if self.scheduler_interval == "epoch":
+            steps = int(self.trainer.max_epochs or 1)
+        for name in ("total_steps", "T_max"):
+            if name in params and name not in given:
+                kwargs[name] = steps
+        scheduler = self.scheduler_factory(optimizer, **kwargs)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": self.scheduler_interval}}

@@ -1,0 +1,195 @@
+"""DynamicWeightedLoss: hand-computed numbers, classic parity, gradients and edge cases."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from deforest.losses import SCHEMES, DynamicWeightedLoss, batch_class_counts, class_weights
+
+MC, ML = "multiclass", "multilabel"
+
+
+def test_batch_counts_by_hand():
+    y = torch.tensor([0, 2, 2, 2, -100, 1])
+    assert batch_class_counts(y, MC, 4).tolist() == [1.0, 1.0, 3.0, 0.0]
+    t = torch.tensor([[1, 0, 1], [1, 1, 0], [1, 0, 0]])
+    assert batch_class_counts(t, ML, 3).tolist() == [3.0, 1.0, 1.0]
+
+
+def test_class_weights_by_hand():
+    counts = torch.tensor([3.0, 1.0, 0.0])
+    assert torch.allclose(class_weights(counts, "inverse_count"), torch.tensor([0.25, 0.5, 1.0]))
+    # N / (C * n_c), absent class counted as 1: N=4, C=3
+    assert torch.allclose(class_weights(counts, "inverse_frequency"), torch.tensor([4 / 9, 4 / 3, 4 / 3]))
+    # (N - P + 1) / (P + 1) with N = 5 samples
+    assert torch.allclose(class_weights(counts, "pos_weight", total=5.0), torch.tensor([3 / 4, 5 / 2, 6.0]))
+    beta = 0.9
+    raw = torch.tensor([(1 - beta) / (1 - beta**3), (1 - beta) / (1 - beta), (1 - beta) / (1 - beta)])
+    expected = raw * 3 / raw.sum()
+    assert torch.allclose(class_weights(counts, "effective_number", beta=beta), expected)
+
+
+def test_multiclass_inverse_count_matches_hand_computation():
+    logits = torch.tensor([[2.0, 0.0, 0.0], [0.0, 1.0, 0.0], [0.0, 0.0, 3.0], [1.0, 1.0, 1.0]])
+    y = torch.tensor([0, 0, 2, 1])
+    # counts [2, 1, 1, ] -> w = [1/3, 1/2, 1/2]
+    ce = [
+        -math.log(math.exp(2) / (math.exp(2) + 2)),
+        -math.log(1 / (2 + math.e)),
+        -math.log(math.exp(3) / (math.exp(3) + 2)),
+        -math.log(1 / 3),
+    ]
+    w = [1 / 3, 1 / 3, 1 / 2, 1 / 2]
+    expected = sum(a * b for a, b in zip(ce, w)) / 4
+    loss = DynamicWeightedLoss(MC, 3)(logits, y)
+    assert loss.item() == pytest.approx(expected, rel=1e-6)
+
+
+def test_multilabel_inverse_count_matches_hand_computation():
+    logits = torch.tensor([[0.0, 2.0], [1.0, -1.0]])
+    t = torch.tensor([[1, 0], [1, 1]])
+    # positives [2, 1] -> w = [1/3, 1/2]
+    def bce(z, y):
+        p = 1 / (1 + math.exp(-z))
+        return -(y * math.log(p) + (1 - y) * math.log(1 - p))
+    expected = (bce(0, 1) / 3 + bce(2, 0) / 2 + bce(1, 1) / 3 + bce(-1, 1) / 2) / 4
+    loss = DynamicWeightedLoss(ML, 2)(logits, t)
+    assert loss.item() == pytest.approx(expected, rel=1e-6)
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_classic_formulas_parity(seed):
+    g = torch.Generator().manual_seed(seed)
+    n, c = 1 + seed * 13, 7
+    logits = torch.randn(n, c, generator=g)
+    y = torch.randint(0, c, (n,), generator=g)
+    w = 1.0 / (torch.bincount(y, minlength=c) + 1.0)
+    classic = (F.cross_entropy(logits, y, reduction="none") * w[y]).mean()
+    assert torch.allclose(DynamicWeightedLoss(MC, c)(logits, y), classic, atol=1e-6)
+    t = (torch.rand(n, c, generator=g) > 0.7).float()
+    w = 1.0 / (t.sum(0) + 1.0)
+    classic = (F.binary_cross_entropy_with_logits(logits, t, reduction="none") * w).mean()
+    assert torch.allclose(DynamicWeightedLoss(ML, c)(logits, t), classic, atol=1e-6)
+
+
+def test_weighted_normalisation_matches_pytorch_weighted_ce():
+    g = torch.Generator().manual_seed(3)
+    logits, y = torch.randn(16, 5, generator=g), torch.randint(0, 5, (16,), generator=g)
+    w = 1.0 / (torch.bincount(y, minlength=5) + 1.0)
+    expected = F.cross_entropy(logits, y, weight=w)
+    assert torch.allclose(DynamicWeightedLoss(MC, 5, normalize="weighted")(logits, y), expected, atol=1e-6)
+
+
+def test_pos_weight_matches_bce_pos_weight():
+    g = torch.Generator().manual_seed(4)
+    logits, t = torch.randn(12, 4, generator=g), (torch.rand(12, 4, generator=g) > 0.8).float()
+    p = t.sum(0)
+    pw = (12 - p + 1) / (p + 1)
+    expected = F.binary_cross_entropy_with_logits(logits, t, pos_weight=pw)
+    assert torch.allclose(DynamicWeightedLoss(ML, 4, scheme="pos_weight")(logits, t), expected, atol=1e-6)
+
+
+def test_focal_reduces_easy_examples():
+    logits = torch.tensor([[5.0, 0.0], [0.0, 0.1]])
+    y = torch.tensor([0, 0])
+    plain = DynamicWeightedLoss(MC, 2, scheme="none", normalize="mean")
+    focal = DynamicWeightedLoss(MC, 2, scheme="focal")
+    ce = F.cross_entropy(logits, y, reduction="none")
+    p = torch.softmax(logits, 1)[:, 0]
+    assert torch.allclose(focal(logits, y), (ce * (1 - p) ** 2).mean(), atol=1e-6)
+    assert focal(logits, y) < plain(logits, y)
+
+
+def test_static_weights_use_dataset_counts():
+    loss = DynamicWeightedLoss(MC, 3, scheme="static")
+    loss.set_static_counts(torch.tensor([80.0, 15.0, 5.0]), total=100)
+    weights, _, _ = loss.weights(torch.tensor([0, 0, 1]))
+    assert torch.allclose(weights, torch.tensor([100 / 240, 100 / 45, 100 / 15]))
+
+
+def test_ema_smooths_counts_and_is_a_buffer():
+    loss = DynamicWeightedLoss(MC, 2, scheme="ema", momentum=0.5).train()
+    loss.weights(torch.tensor([0, 0, 0, 1]))  # seeds: counts [3, 1]
+    loss.weights(torch.tensor([1, 1, 1, 1]))  # 0.5 * [3, 1] + 0.5 * [0, 4]
+    assert loss.ema_counts.tolist() == [1.5, 2.5]
+    assert "ema_counts" in loss.state_dict() and "static_counts" in loss.state_dict()
+    restored = DynamicWeightedLoss(MC, 2, scheme="ema", momentum=0.5)
+    restored.load_state_dict(loss.state_dict())
+    assert restored.ema_counts.tolist() == [1.5, 2.5]
+
+
+def test_ignore_index_left_out():
+    logits = torch.randn(4, 3)
+    y = torch.tensor([0, -100, 2, 2])
+    loss = DynamicWeightedLoss(MC, 3)(logits, y)
+    kept = DynamicWeightedLoss(MC, 3)(logits[[0, 2, 3]], y[[0, 2, 3]])
+    assert torch.allclose(loss, kept)
+
+
+def _cases():
+    c = 4
+    yield MC, torch.randn(1, c), torch.tensor([2])  # batch of one
+    yield MC, torch.randn(6, c), torch.full((6,), 1)  # one class only, others absent
+    yield MC, torch.randn(5, c), torch.tensor([0, -100, -100, 3, -100])
+    yield ML, torch.randn(1, c), torch.tensor([[0, 1, 0, 0]])
+    yield ML, torch.randn(5, c), torch.zeros(5, c, dtype=torch.uint8)  # all-negative rows
+    yield ML, torch.randn(5, c), torch.ones(5, c, dtype=torch.bool)  # all positive
+
+
+@pytest.mark.parametrize("scheme", SCHEMES)
+@pytest.mark.parametrize("normalize", ["mean", "weighted"])
+@pytest.mark.parametrize("smoothing", [0.0, 0.1])
+def test_edge_cases_finite_loss_and_gradients(scheme, normalize, smoothing):
+    for task, logits, targets in _cases():
+        if scheme == "pos_weight" and task == MC:
+            continue
+        logits = logits.clone().requires_grad_(True)
+        loss_fn = DynamicWeightedLoss(task, 4, scheme=scheme, normalize=normalize, label_smoothing=smoothing)
+        if scheme == "static":
+            loss_fn.set_static_counts(torch.tensor([10.0, 0.0, 3.0, 1.0]), 14)
+        loss = loss_fn(logits, targets)
+        loss.backward()
+        assert torch.isfinite(loss), (task, scheme, normalize, targets)
+        assert torch.isfinite(logits.grad).all(), (task, scheme, normalize, targets)
+        assert loss.requires_grad and loss.grad_fn is not None
+
+
+def test_pos_weight_rejected_for_multiclass():
+    with pytest.raises(ValueError, match="multilabel only"):
+        DynamicWeightedLoss(MC, 3, scheme="pos_weight")
+
+
+def test_custom_criterion_receives_weights():
+    seen = {}
+
+    def criterion(logits, targets, weights):
+        seen["weights"] = weights
+        return (F.cross_entropy(logits, targets, reduction="none") * weights[targets]).sum()
+
+    y = torch.tensor([0, 0, 1])
+    DynamicWeightedLoss(MC, 2, criterion=criterion)(torch.randn(3, 2), y)
+    assert torch.allclose(seen["weights"], torch.tensor([1 / 3, 1 / 2]))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_no_host_sync_on_cuda():
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for scheme in SCHEMES:
+            for task in (MC, ML):
+                if scheme == "pos_weight" and task == MC:
+                    continue
+                logits = torch.randn(32, 5, device="cuda", requires_grad=True)
+                targets = (
+                    torch.randint(0, 5, (32,), device="cuda")
+                    if task == MC
+                    else (torch.rand(32, 5, device="cuda") > 0.7).float()
+                )
+                loss = DynamicWeightedLoss(task, 5, scheme=scheme).cuda()(logits, targets)
+                loss.backward()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")

@@ -1,0 +1,65 @@
+"""deforest-train composed from the real Hydra config, on the real data."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from deforest.cli.train import train
+from deforest.module import TileClassifier
+
+
+def test_fast_dev_run_multiclass(train_config, tmp_path):
+    cfg = train_config(["+trainer.fast_dev_run=true"])
+    metrics = train(cfg)
+    assert 0.0 <= metrics["test/accuracy"] <= 1.0
+    written = json.loads((tmp_path / "metrics.json").read_text())
+    assert set(f"test/recall/{c}" for c in ("Forest", "River", "SeaLake")) <= set(written)
+    assert (tmp_path / "summary.md").is_file() and (tmp_path / "class_distribution.png").stat().st_size > 1000
+
+
+def test_fast_dev_run_multilabel_bigearthnet(train_config, bigearthnet_root, tmp_path):
+    cfg = train_config(["data=bigearthnet", f"data.root={bigearthnet_root}", "+trainer.fast_dev_run=true"])
+    metrics = train(cfg)
+    for key in ("test/f1_micro", "test/f1_macro", "test/map"):
+        assert 0.0 <= metrics[key] <= 1.0
+    assert any(k.startswith("test/recall/") for k in metrics)
+
+
+def test_short_training_learns_and_checkpoint_carries_preprocessing(train_config, tmp_path):
+    cfg = train_config(["trainer.max_epochs=8", "model.width=16", "logger=csv"])
+    metrics = train(cfg)
+    written = json.loads((tmp_path / "metrics.json").read_text())
+    assert written["test/accuracy"] == pytest.approx(metrics["test/accuracy"])
+    assert written["test/accuracy"] >= 0.4, written  # chance is 0.1 on 10 balanced classes
+    assert len([k for k in written if k.startswith("test/recall/")]) == 10
+    ckpt = Path(written["best_checkpoint"])
+    assert ckpt.parent == tmp_path / "checkpoints" and (tmp_path / "checkpoints" / "last.ckpt").is_file()
+    model = TileClassifier.load_from_checkpoint(ckpt, map_location="cpu")
+    assert model.class_names[1] == "Forest" and model.hparams.bands == list(range(1, 14))
+    assert model.normalizer.mean.shape == (1, 13, 1, 1)
+    assert (tmp_path / "csv" / "metrics.csv").is_file()
+
+
+def test_console_script_runs_hydra_app(tmp_path):
+    """The installed entry point resolves the packaged config and honours hydra.run.dir."""
+    run_dir = tmp_path / "run"
+    cmd = [
+        sys.executable, "-m", "deforest.cli.train", f"hydra.run.dir={run_dir}",
+        "+trainer.fast_dev_run=true", "model.width=8", "model.tta=false", f"paths.cache_dir={tmp_path / 'c'}",
+    ]
+    done = subprocess.run(cmd, cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "test/accuracy" in json.loads((run_dir / "metrics.json").read_text())
+
+
+def test_unknown_config_key_is_rejected(train_config):
+    from hydra.errors import ConfigCompositionException
+
+    with pytest.raises(ConfigCompositionException, match="learnig_rate"):
+        train_config(["model.learnig_rate=0.1"])
