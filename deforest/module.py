@@ -11,22 +11,13 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import lightning.pytorch as pl
+import numpy as np
 import torch
 from torch import Tensor
-from torchmetrics import MetricCollection
-from torchmetrics.classification import (
-    MulticlassAccuracy,
-    MulticlassF1Score,
-    MulticlassPrecision,
-    MulticlassRecall,
-    MultilabelAveragePrecision,
-    MultilabelF1Score,
-    MultilabelPrecision,
-    MultilabelRecall,
-)
 
 from deforest.datasets import MULTICLASS, MULTILABEL
 from deforest.losses import Criterion, DynamicWeightedLoss
+from deforest.metrics import TUNING_BETAS, build_metrics, metric_inputs, tune_thresholds
 from deforest.models import build_backbone
 from deforest.transforms import BandNormalizer, d4_views
 
@@ -50,6 +41,9 @@ class TileClassifier(pl.LightningModule):
         scheduler_interval: ``step`` or ``epoch``.
         tta: average predictions over the eight flips/rotations in val, test and predict.
         thresholds: multi-label decision thresholds, one per label (0.5 when not given).
+        tune_thresholds: multi-label: ``f1`` or ``f2`` re-tunes ``thresholds`` on every
+            validation epoch to maximise that score per label, so each checkpoint carries
+            the thresholds of its own weights; ``None`` keeps them fixed.
         nonfinite_loss: ``error`` stops on a NaN/inf loss naming the batch; ``skip`` skips it.
         criterion: optional custom loss receiving the batch weights.
     """
@@ -75,12 +69,15 @@ class TileClassifier(pl.LightningModule):
         thresholds: Sequence[float] | None = None,
         nonfinite_loss: str = "error",
         criterion: Criterion | None = None,
+        tune_thresholds: str | None = None,
     ) -> None:
         super().__init__()
         if task not in (MULTICLASS, MULTILABEL):
             raise ValueError(f"model.task must be {MULTICLASS} or {MULTILABEL}, not {task!r}")
         if nonfinite_loss not in ("error", "skip"):
             raise ValueError(f"model.nonfinite_loss must be error or skip, not {nonfinite_loss!r}")
+        if tune_thresholds is not None and tune_thresholds not in TUNING_BETAS:
+            raise ValueError(f"model.tune_thresholds must be one of {sorted(TUNING_BETAS)} or null, not {tune_thresholds!r}")
         self.save_hyperparameters(ignore=["optimizer", "scheduler", "criterion"])
         self.task = task
         self.class_names = list(class_names)
@@ -94,33 +91,20 @@ class TileClassifier(pl.LightningModule):
         self.scheduler_interval = scheduler_interval
         self.tta = tta
         self.nonfinite_loss = nonfinite_loss
+        self.tune_thresholds = tune_thresholds if task == MULTILABEL else None
         self.register_buffer(
             "thresholds",
             torch.as_tensor(thresholds if thresholds is not None else [0.5] * num_classes, dtype=torch.float32),
         )
         self.metrics = torch.nn.ModuleDict({stage: self._metrics() for stage in ("val", "test")})
+        self._outputs: dict[str, list[dict[str, Tensor]]] = {"val": [], "test": []}
+        #: The last val/test epoch's ``probs``, ``target`` and dataset ``index`` (on the CPU), for reports.
+        self.predictions: dict[str, dict[str, Tensor]] = {}
 
     # ---- metrics ------------------------------------------------------------------------
-    def _metrics(self) -> MetricCollection:
-        c = len(self.class_names)
-        if self.task == MULTICLASS:
-            return MetricCollection(
-                {
-                    "accuracy": MulticlassAccuracy(c, average="micro"),
-                    "f1_macro": MulticlassF1Score(c, average="macro"),
-                    "recall": MulticlassRecall(c, average="none"),
-                    "precision": MulticlassPrecision(c, average="none"),
-                }
-            )
-        return MetricCollection(
-            {
-                "f1_micro": MultilabelF1Score(c, average="micro"),
-                "f1_macro": MultilabelF1Score(c, average="macro"),
-                "map": MultilabelAveragePrecision(c, average="macro"),
-                "recall": MultilabelRecall(c, average="none"),
-                "precision": MultilabelPrecision(c, average="none"),
-            }
-        )
+    def _metrics(self) -> torch.nn.ModuleDict:
+        """The collections of :func:`deforest.metrics.build_metrics` for one stage."""
+        return torch.nn.ModuleDict(build_metrics(self.task, len(self.class_names)))
 
     # ---- forward ------------------------------------------------------------------------
     def forward(self, x: Tensor) -> Tensor:
@@ -132,12 +116,6 @@ class TileClassifier(pl.LightningModule):
         views = d4_views(x) if self.tta else [x]
         activate = (lambda z: z.softmax(dim=1)) if self.task == MULTICLASS else torch.sigmoid
         return torch.stack([activate(self(v)) for v in views]).mean(dim=0)
-
-    def _metric_targets(self, probs: Tensor, target: Tensor) -> tuple[Tensor, Tensor]:
-        if self.task == MULTICLASS:
-            return probs, target
-        # torchmetrics thresholds at one value; shifting by the per-label threshold applies ours.
-        return (probs - self.thresholds + 0.5).clamp(0, 1), target.long()
 
     # ---- steps --------------------------------------------------------------------------
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor | None:
@@ -174,17 +152,41 @@ class TileClassifier(pl.LightningModule):
         else:
             loss = torch.nn.functional.binary_cross_entropy(probs.clamp(1e-7, 1 - 1e-7), target.float())
         self.log(f"{stage}/loss", loss, on_epoch=True, prog_bar=stage == "val", batch_size=target.shape[0], sync_dist=True)
-        self.metrics[stage].update(*self._metric_targets(probs, target))
+        self._outputs[stage].append({"probs": probs.detach(), "target": target, "index": batch["index"]})
 
     def _log_metrics(self, stage: str) -> None:
-        values = self.metrics[stage].compute()
-        for name, value in values.items():
-            if value.ndim == 0:
-                self.log(f"{stage}/{name}", value, prog_bar=name in ("accuracy", "f1_macro"))
-            else:
-                for class_name, v in zip(self.class_names, value):
-                    self.log(f"{stage}/{name}/{class_name}", v)
-        self.metrics[stage].reset()
+        """Metrics over the whole epoch's predictions, after tuning thresholds on validation.
+
+        Decisions wait for the epoch end so that validation metrics (and the checkpoint
+        saved right after) use the thresholds tuned on this very epoch.
+        """
+        outputs, self._outputs[stage] = self._outputs[stage], []
+        if not outputs:
+            return
+        local = {key: torch.cat([o[key] for o in outputs]) for key in outputs[0]}
+        gathered = self._gather(local)
+        if stage == "val" and self.tune_thresholds and not self.trainer.sanity_checking:
+            self.thresholds.copy_(tune_thresholds(gathered["probs"].cpu(), gathered["target"].cpu(), self.tune_thresholds))
+        self.predictions[stage] = {key: value.cpu() for key, value in gathered.items()}
+        collections = self.metrics[stage]
+        for kind, inputs in metric_inputs(self.task, local["probs"], local["target"], self.thresholds).items():
+            collections[kind].update(*inputs)
+        for kind in collections:
+            for name, value in collections[kind].compute().items():
+                if value.ndim == 0:
+                    self.log(f"{stage}/{name}", value, prog_bar=name in ("accuracy", "f1_macro"))
+                elif value.ndim == 1:  # per class; confusion matrices go to the report only
+                    for class_name, v in zip(self.class_names, value):
+                        self.log(f"{stage}/{name}/{class_name}", v)
+            collections[kind].reset()
+
+    def _gather(self, local: dict[str, Tensor]) -> dict[str, Tensor]:
+        """Every process's predictions, once per dataset index (samplers pad with repeats)."""
+        if self.trainer.world_size == 1:
+            return local
+        gathered = {key: self.all_gather(value).flatten(0, 1) for key, value in local.items()}
+        _, first = np.unique(gathered["index"].cpu().numpy(), return_index=True)
+        return {key: value[torch.as_tensor(first, device=value.device)] for key, value in gathered.items()}
 
     def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
         self._eval_step(batch, "val")
