@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import rasterio
-from rasterio.enums import Resampling
+from rasterio.enums import Interleaving, MaskFlags, Resampling
 from rasterio.errors import RasterioError
 
 # GDAL would list the whole directory on every open to look for sidecar files; on a folder
@@ -23,6 +23,11 @@ os.environ.setdefault("GDAL_DISABLE_READDIR_ON_OPEN", "EMPTY_DIR")
 SUPPORTED_DTYPES = frozenset(
     {"uint8", "int8", "uint16", "int16", "uint32", "int32", "float32", "float64"}
 )
+TIFF_SUFFIXES = (".tif", ".tiff")
+# Classic TIFF and BigTIFF, little and big endian.
+TIFF_MAGIC = (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")
+# rasterio raises these for bad files (fuzzed in tests); anything else is a bug worth a traceback.
+READ_ERRORS = (RasterioError, OSError)
 
 
 class TileError(ValueError):
@@ -47,13 +52,21 @@ class RasterHeader:
 
 
 def read_header(path: str | os.PathLike) -> RasterHeader:
-    """Open ``path`` and return its header, or raise :class:`TileError`."""
+    """Open ``path`` and return its header, or raise :class:`TileError`.
+
+    Also catches, without reading pixels, what would otherwise only fail mid-training:
+    empty files, non-TIFF files named ``.tif`` and TIFFs whose data ends past the file's end.
+    """
+    _check_file(path)
     try:
         with rasterio.open(path) as src:
-            return RasterHeader(
+            header = RasterHeader(
                 src.count, src.height, src.width, src.dtypes[0], src.nodata, src.descriptions
             )
-    except (RasterioError, OSError) as err:
+            if src.driver == "GTiff":
+                _check_not_truncated(path, src)
+            return header
+    except READ_ERRORS as err:
         raise TileError(path, f"cannot be opened as a raster ({_short(err)})") from None
 
 
@@ -62,11 +75,14 @@ def read_raster(
     bands: Sequence[int] | None = None,
     out_shape: tuple[int, int] | None = None,
     resampling: Resampling = Resampling.bilinear,
+    masked: bool = False,
 ) -> np.ndarray:
     """Read ``bands`` (1-based, rasterio order) of ``path`` as float32 ``[C, H, W]``.
 
     ``out_shape`` resamples on read (BigEarthNet's 20 m and 60 m bands onto the 10 m grid).
+    ``masked`` returns a ``numpy.ma.MaskedArray`` whose mask marks nodata pixels.
     """
+    _check_file(path)
     try:
         with rasterio.open(path) as src:
             if src.dtypes[0] not in SUPPORTED_DTYPES:
@@ -77,9 +93,14 @@ def read_raster(
                     path, f"has {src.count} bands, band indexes {indexes} were requested"
                 )
             shape = None if out_shape is None else (len(indexes), *out_shape)
-            data = src.read(indexes, out_shape=shape, resampling=resampling)
-    except (RasterioError, OSError) as err:
+            has_nodata = src.nodata is not None or any(
+                flag != [MaskFlags.all_valid] for flag in src.mask_flag_enums
+            )
+            data = src.read(indexes, out_shape=shape, resampling=resampling, masked=masked and has_nodata)
+    except READ_ERRORS as err:
         raise TileError(path, f"cannot be read as a raster ({_short(err)})") from None
+    if masked and not has_nodata:
+        return np.ma.MaskedArray(data.astype(np.float32, copy=False), mask=np.ma.nomask)
     return data.astype(np.float32, copy=False)
 
 
@@ -115,6 +136,38 @@ def file_fingerprint(paths: Sequence[str | os.PathLike]) -> list[tuple[str, int,
         stat = Path(path).stat()
         out.append((str(path), stat.st_size, stat.st_mtime_ns))
     return out
+
+
+def _check_file(path: str | os.PathLike) -> None:
+    """Missing, empty and (for ``.tif`` names) non-TIFF files, named as such."""
+    path = Path(path)
+    try:
+        size = path.stat().st_size
+        with path.open("rb") as f:
+            magic = f.read(4)
+    except FileNotFoundError:
+        raise TileError(path, "does not exist") from None
+    except OSError as err:
+        raise TileError(path, f"cannot be read ({err.strerror})") from None
+    if size == 0:
+        raise TileError(path, "is empty (0 bytes)")
+    if path.suffix.lower() in TIFF_SUFFIXES and magic not in TIFF_MAGIC:
+        raise TileError(path, f"is named .tif but is not a TIFF file (it starts with {magic!r})")
+
+
+def _check_not_truncated(path: str | os.PathLike, src: rasterio.DatasetReader) -> None:
+    """The last data block of every band must end inside the file (a cut-off copy fails here)."""
+    size = Path(path).stat().st_size
+    rows, cols = src.block_shapes[0]
+    last = f"{(src.width - 1) // cols}_{(src.height - 1) // rows}"  # GDAL names blocks x_y
+    bands = range(1, src.count + 1) if src.interleaving == Interleaving.band else [1]
+    for band in bands:
+        offset = src.get_tag_item(f"BLOCK_OFFSET_{last}", "TIFF", bidx=band)
+        length = src.get_tag_item(f"BLOCK_SIZE_{last}", "TIFF", bidx=band)
+        if offset and length and int(offset) + int(length) > size:
+            raise TileError(
+                path, f"is truncated: its pixel data needs {int(offset) + int(length)} bytes, the file has {size}"
+            )
 
 
 def _short(err: Exception) -> str:
