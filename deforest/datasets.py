@@ -70,9 +70,9 @@ class TileLayout(ABC):
     def build_index(self) -> TileIndex:
         """List the samples, labels and given splits."""
 
-    def read(self, source: str, bands: Sequence[int] | None, masked: bool = False) -> np.ndarray:
-        """Read one sample as float32 ``[C, H, W]`` (``bands`` 1-based; ``masked`` marks nodata)."""
-        return read_raster(source, bands, masked=masked)
+    def read(self, source: str, bands: Sequence[int] | None) -> np.ndarray:
+        """Read one sample as float32 ``[C, H, W]`` (``bands`` 1-based)."""
+        return read_raster(source, bands)
 
     def header_source(self, source: str) -> str:
         """The file whose header describes ``source`` (its band count and size)."""
@@ -313,12 +313,11 @@ class BigEarthNetLayout(TileLayout):
     def _band_file(self, patch: Path, band: str) -> Path:
         return patch / f"{patch.name}_{band}.tif"
 
-    def read(self, source: str, bands: Sequence[int] | None, masked: bool = False) -> np.ndarray:
+    def read(self, source: str, bands: Sequence[int] | None) -> np.ndarray:
         patch = Path(source)
         chosen = [self.band_names[i - 1] for i in bands] if bands else self.band_names
         shape = (self.size, self.size)
-        layers = [read_raster(self._band_file(patch, b), [1], shape, masked=masked) for b in chosen]
-        return np.ma.concatenate(layers) if masked else np.concatenate(layers)
+        return np.concatenate([read_raster(self._band_file(patch, b), [1], shape) for b in chosen])
 
     def header_source(self, source: str) -> str:
         return str(self._band_file(Path(source), "B02"))

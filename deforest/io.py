@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import rasterio
-from rasterio.enums import Interleaving, MaskFlags, Resampling
+from rasterio.enums import Interleaving, Resampling
 from rasterio.errors import RasterioError
 
 # GDAL would list the whole directory on every open to look for sidecar files; on a folder
@@ -75,12 +75,10 @@ def read_raster(
     bands: Sequence[int] | None = None,
     out_shape: tuple[int, int] | None = None,
     resampling: Resampling = Resampling.bilinear,
-    masked: bool = False,
 ) -> np.ndarray:
     """Read ``bands`` (1-based, rasterio order) of ``path`` as float32 ``[C, H, W]``.
 
     ``out_shape`` resamples on read (BigEarthNet's 20 m and 60 m bands onto the 10 m grid).
-    ``masked`` returns a ``numpy.ma.MaskedArray`` whose mask marks nodata pixels.
     """
     _check_file(path)
     try:
@@ -93,14 +91,9 @@ def read_raster(
                     path, f"has {src.count} bands, band indexes {indexes} were requested"
                 )
             shape = None if out_shape is None else (len(indexes), *out_shape)
-            has_nodata = src.nodata is not None or any(
-                flag != [MaskFlags.all_valid] for flag in src.mask_flag_enums
-            )
-            data = src.read(indexes, out_shape=shape, resampling=resampling, masked=masked and has_nodata)
+            data = src.read(indexes, out_shape=shape, resampling=resampling)
     except READ_ERRORS as err:
         raise TileError(path, f"cannot be read as a raster ({_short(err)})") from None
-    if masked and not has_nodata:
-        return np.ma.MaskedArray(data.astype(np.float32, copy=False), mask=np.ma.nomask)
     return data.astype(np.float32, copy=False)
 
 
