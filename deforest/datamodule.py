@@ -19,13 +19,24 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from deforest.datasets import MULTICLASS, SPLITS, DatasetError, TileIndex, TileLayout, describe_split_counts
-from deforest.io import TileError, file_fingerprint, read_header, resolve_bands
+from deforest.io import RasterHeader, TileError, file_fingerprint, read_header, resolve_bands
 from deforest.splits import assign_splits
 from deforest.transforms import build_augmentation
+from deforest.validation import (
+    BadTiles,
+    check_header,
+    check_pixels,
+    collate_tiles,
+    fill_nodata,
+    reference_header,
+    valid_pixels,
+)
 
 log = logging.getLogger(__name__)
 
-STATS_VERSION = 1
+STATS_VERSION = 2
+# headers read to decide the dataset's band count and tile size (the commonest wins)
+REFERENCE_SAMPLE = 32
 
 
 class TileDataset(Dataset):
@@ -42,25 +53,37 @@ class TileDataset(Dataset):
         targets: np.ndarray,
         bands: Sequence[int],
         augment: A.Compose | None = None,
+        nodata: float | None = None,
+        fill: Sequence[float] | None = None,
     ) -> None:
         self.layout = layout
         self.sources = list(sources)
         self.targets = targets
         self.bands = list(bands)
         self.augment = augment
+        self.nodata = nodata
+        self.fill = fill
 
     def __len__(self) -> int:
         return len(self.sources)
 
-    def read(self, i: int) -> np.ndarray:
-        """The tile's selected bands as float32 ``[C, H, W]``; non-finite values are an error."""
+    def read_valid(self, i: int) -> tuple[np.ndarray, np.ndarray | None]:
+        """Float32 ``[C, H, W]`` and its valid-pixel mask; NaN/inf or all-nodata raise TileError."""
         image = self.layout.read(self.sources[i], self.bands)
-        if not np.isfinite(image).all():
-            raise TileError(self.sources[i], "contains NaN or infinite pixel values")
-        return image
+        valid = valid_pixels(image, self.nodata)
+        check_pixels(self.sources[i], image, valid)
+        return image, valid
+
+    def read(self, i: int) -> np.ndarray:
+        """The tile's selected bands, nodata pixels filled with ``fill`` when given."""
+        image, valid = self.read_valid(i)
+        return image if self.fill is None else fill_nodata(image, valid, self.fill)
 
     def __getitem__(self, i: int) -> dict[str, torch.Tensor | int]:
-        image = self.read(i)
+        try:
+            image = self.read(i)
+        except TileError as err:  # raised or counted in the main process, not in a worker
+            return {"bad": (self.sources[i], err.path, err.problem), "index": i}
         if self.augment is not None:
             image = self.augment(image=image.transpose(1, 2, 0))["image"].transpose(2, 0, 1)
         target = torch.as_tensor(self.targets[i])
@@ -83,6 +106,8 @@ class TileDataModule(pl.LightningDataModule):
         imbalance: ``{class name: kept fraction}`` (``"*"`` for the rest) to subsample the
             training split into an imbalanced one, for imbalance experiments.
         validate: ``quick`` reads every header, ``full`` also every pixel, ``off`` trusts.
+        on_bad_tile: ``error`` stops on a bad tile naming it; ``skip`` leaves it out, logged
+            and counted in :attr:`bad_tiles` (see :mod:`deforest.validation`).
     """
 
     def __init__(
@@ -102,6 +127,7 @@ class TileDataModule(pl.LightningDataModule):
         stats_max_samples: int = 5000,
         imbalance: Mapping[str, float] | None = None,
         validate: str = "quick",
+        on_bad_tile: str = "error",
     ) -> None:
         super().__init__()
         if batch_size < 1:
@@ -112,6 +138,7 @@ class TileDataModule(pl.LightningDataModule):
             )
         if validate not in ("quick", "full", "off"):
             raise ValueError(f"data.validate must be quick, full or off, not {validate!r}")
+        self.bad_tiles = BadTiles(on_bad_tile)
         self.layout = layout
         self.band_selection = None if bands is None else list(bands)
         self.batch_size = batch_size
@@ -156,7 +183,8 @@ class TileDataModule(pl.LightningDataModule):
         index = self.layout.build_index()
         if len(index) == 0:
             raise DatasetError(f"{self.layout.root}: no tiles found")
-        first = read_header(self.layout.header_source(index.sources[0]))
+        first = self._reference_header(index)
+        self.nodata = first.nodata
         self.bands = resolve_bands(self.band_selection, self.layout.band_names, first.count)
         assignment = assign_splits(index, self.val_fraction, self.test_fraction, self.seed)
         if self.imbalance:
@@ -164,11 +192,15 @@ class TileDataModule(pl.LightningDataModule):
             index = _subset(index, keep)
             assignment = [a for a, k in zip(assignment, keep) if k]
         self.index, self.assignment = index, assignment
-        self._check_splits()
         self.tile_size = self._validate_headers(first)
         if self.validate == "full":
             self._validate_pixels()
+        self._drop_bad_tiles()
         self.band_mean, self.band_std = self._band_statistics()
+        self._drop_bad_tiles()  # tiles that failed while measuring the statistics
+        index, assignment = self.index, self.assignment
+        # nodata pixels get the raw value that normalises to 0 (see deforest.validation)
+        fill = (np.expm1(self.band_mean) if self.log_scale else np.asarray(self.band_mean)).tolist()
         augment = build_augmentation(self.augment_transforms, self.num_bands, self.tile_size)
         for split in SPLITS:
             rows = [i for i, a in enumerate(assignment) if a == split]
@@ -178,9 +210,36 @@ class TileDataModule(pl.LightningDataModule):
                 index.targets[rows],
                 self.bands,
                 augment if split == "train" else None,
+                nodata=self.nodata,
+                fill=fill,
             )
         counts = {s: len(d) for s, d in self.datasets.items()}
         log.info("%d tiles, %d classes, bands %s, splits %s", len(index), index.num_classes, self.bands, counts)
+
+    def _reference_header(self, index: TileIndex) -> RasterHeader:
+        """What the dataset's tiles are: the commonest band count and size among the first headers."""
+        wanted = 1 if self.validate == "off" else REFERENCE_SAMPLE
+        headers = []
+        for source in index.sources:
+            try:
+                headers.append(read_header(self.layout.header_source(source)))
+            except TileError as err:
+                self.bad_tiles.add(err, source)
+            if len(headers) == wanted:
+                break
+        if not headers:
+            raise DatasetError(f"{self.layout.root}: no tile can be read")
+        return reference_header(headers)
+
+    def _drop_bad_tiles(self) -> None:
+        """Leave skipped tiles out of the index and the splits, then re-check the splits."""
+        index = self._index()
+        keep = np.asarray([s not in self.bad_tiles.problems for s in index.sources])
+        if not keep.all():
+            self.index = _subset(index, keep)
+            self.assignment = [a for a, k in zip(self.assignment, keep) if k]
+            log.warning("%d bad tile(s) skipped (data.on_bad_tile=skip)", len(self.bad_tiles))
+        self._check_splits()
 
     def _imbalance_mask(self, index: TileIndex, assignment: list[str]) -> np.ndarray:
         """Keep each training sample with the fraction of its (rarest kept) class."""
@@ -213,35 +272,38 @@ class TileDataModule(pl.LightningDataModule):
                 )
 
     def _validate_headers(self, first) -> tuple[int, int]:
-        """Every tile must have the first tile's band count and size (``validate=quick``)."""
+        """Every tile must have the dataset's band count and size and a supported dtype (``quick``)."""
         size = (first.height, first.width)
         if self.validate == "off":
             return size
         cached = self._cache_load("headers")
-        if cached is not None:
-            return tuple(cached["tile_size"])
-        for source in self._index().sources:
-            path = self.layout.header_source(source)
-            header = read_header(path)
-            if header.count != first.count:
-                raise TileError(path, f"has {header.count} bands, the dataset's tiles have {first.count}")
-            if (header.height, header.width) != size:
-                raise TileError(
-                    path, f"is {header.height}x{header.width} pixels, the dataset's tiles are {size[0]}x{size[1]}"
-                )
-        self._cache_store("headers", {"tile_size": list(size)})
-        return size
+        if cached is None:
+            bad = {}
+            for source in self._index().sources:
+                path = self.layout.header_source(source)
+                try:
+                    check_header(path, read_header(path), first)
+                except TileError as err:
+                    bad[source] = [err.path, err.problem]
+            cached = {"tile_size": list(size), "bad": bad}
+            self._cache_store("headers", cached)
+        for source, (path, problem) in cached["bad"].items():
+            self.bad_tiles.add(TileError(path, problem), source, more=len(cached["bad"]) - 1)
+        return tuple(cached["tile_size"])
 
     def _validate_pixels(self) -> None:
-        """Read every pixel once (``validate=full``): unreadable or non-finite tiles fail here."""
-        for split in SPLITS:
-            rows = [i for i, a in enumerate(self.assignment) if a == split]
-            probe = TileDataset(self.layout, [self._index().sources[i] for i in rows], self._index().targets[rows], self.bands)
-            for i in range(len(probe)):
-                probe.read(i)
+        """Read every pixel once (``validate=full``): unreadable, NaN/inf or all-nodata tiles are bad."""
+        index = self._index()
+        probe = TileDataset(self.layout, index.sources, index.targets, self.bands, nodata=self.nodata)
+        for i, source in enumerate(probe.sources):
+            if source not in self.bad_tiles.problems:
+                try:
+                    probe.read_valid(i)
+                except TileError as err:
+                    self.bad_tiles.add(err, source)
 
     def _band_statistics(self) -> tuple[list[float], list[float]]:
-        """Per-band mean/std over (a seeded sample of) the training split, cached as JSON."""
+        """Per-band mean/std of the valid pixels of (a seeded sample of) the training split, cached as JSON."""
         cached = self._cache_load("stats")
         if cached is not None:
             return cached["mean"], cached["std"]
@@ -249,17 +311,26 @@ class TileDataModule(pl.LightningDataModule):
         rng = np.random.default_rng(self.seed)
         if len(rows) > self.stats_max_samples:
             rows = sorted(rng.choice(rows, self.stats_max_samples, replace=False).tolist())
-        reader = TileDataset(self.layout, [self._index().sources[i] for i in rows], self._index().targets[rows], self.bands)
+        index = self._index()
+        reader = TileDataset(self.layout, [index.sources[i] for i in rows], index.targets[rows], self.bands, nodata=self.nodata)
         total = np.zeros(self.num_bands)
         total_sq = np.zeros(self.num_bands)
-        n = 0
+        n = np.zeros(self.num_bands)
         for i in range(len(reader)):
-            image = reader.read(i).astype(np.float64)
+            try:
+                image, valid = reader.read_valid(i)
+            except TileError as err:
+                self.bad_tiles.add(err, reader.sources[i])
+                continue
+            image = image.astype(np.float64)
             if self.log_scale:
                 image = np.log1p(np.clip(image, 0, None))
+            if valid is not None:
+                image = np.where(valid, image, 0.0)
             total += image.sum(axis=(1, 2))
             total_sq += (image**2).sum(axis=(1, 2))
-            n += image.shape[1] * image.shape[2]
+            n += valid.sum(axis=(1, 2)) if valid is not None else image.shape[1] * image.shape[2]
+        n = np.maximum(n, 1)
         mean = total / n
         std = np.sqrt(np.maximum(total_sq / n - mean**2, 0.0))
         std = np.where(std > 1e-6, std, 1.0)  # constant bands: centre, do not blow up
@@ -308,6 +379,12 @@ class TileDataModule(pl.LightningDataModule):
         """Per split, tiles carrying each class."""
         return describe_split_counts(self._index(), self.assignment)
 
+    def on_before_batch_transfer(self, batch: dict, dataloader_idx: int) -> dict:
+        """Bad tiles met by the DataLoader workers are raised or counted here, in the main process."""
+        for source, path, problem in batch.pop("bad", []):
+            self.bad_tiles.add(TileError(path, problem), source)
+        return batch
+
     def _loader(self, split: str, shuffle: bool) -> DataLoader:
         dataset = self.datasets[split]
         return DataLoader(
@@ -319,6 +396,7 @@ class TileDataModule(pl.LightningDataModule):
             num_workers=self.num_workers,
             pin_memory=self.pin_memory,
             persistent_workers=self.persistent_workers,
+            collate_fn=collate_tiles,
         )
 
     def train_dataloader(self) -> DataLoader:

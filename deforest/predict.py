@@ -1,0 +1,358 @@
+"""Sliding-window prediction: a scene of any size -> a georeferenced class/probability map.
+
+The scene is read one strip of window rows at a time and the output written as each
+strip finishes, so memory follows the strip and the batch, never the scene. Everything
+about the input (bands, normalisation, classes, task, tile size, thresholds) comes from
+the checkpoint.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import math
+import os
+import warnings
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import rasterio
+import rasterio.shutil
+import torch
+from affine import Affine
+from rasterio.windows import Window
+
+from deforest.datasets import MULTICLASS, TILE_SUFFIXES
+from deforest.io import TileError, read_header, read_raster
+from deforest.module import TileClassifier
+from deforest.scene import Scene
+
+log = logging.getLogger(__name__)
+
+UINT8_NODATA = 255
+UINT8_SCALE = 254  # probabilities 0..254 so that 255 stays free for nodata
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """What a checkpoint says its input and output are."""
+
+    task: str
+    class_names: list[str]
+    bands: list[int]
+    band_count: int | None
+    tile_size: int
+    thresholds: np.ndarray
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+
+def load_classifier(ckpt_path: str | os.PathLike, device: str = "cpu") -> tuple[TileClassifier, ModelSpec]:
+    """The classifier in eval mode on ``device`` and its :class:`ModelSpec`."""
+    if not Path(ckpt_path).is_file():
+        raise FileNotFoundError(f"{ckpt_path}: checkpoint not found")
+    model = TileClassifier.load_from_checkpoint(ckpt_path, map_location=device).eval()
+    hp = model.hparams
+    bands = list(hp.get("bands") or range(1, len(hp.band_mean) + 1))
+    size = hp.get("tile_size")
+    if size is None:
+        raise ValueError(f"{ckpt_path}: the checkpoint records no tile_size; pass tile_size=")
+    spec = ModelSpec(
+        task=hp.task,
+        class_names=list(hp.class_names),
+        bands=bands,
+        band_count=hp.get("source_band_count"),
+        tile_size=int(size[0]),
+        thresholds=model.thresholds.cpu().numpy(),
+    )
+    return model, spec
+
+
+def check_bands(spec: ModelSpec, count: int, source: str) -> None:
+    """Fail before any work when ``source`` cannot give the checkpoint's bands."""
+    expected = spec.band_count or max(spec.bands)
+    # checkpoints that predate source_band_count only tell the highest band they read
+    mismatch = count != expected if spec.band_count else count < expected
+    if mismatch:
+        raise TileError(
+            source,
+            f"has {count} bands, the checkpoint was trained on {expected}-band tiles "
+            f"(using bands {spec.bands})",
+        )
+
+
+def resolve_device(device: str) -> str:
+    """``auto`` picks CUDA when present."""
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return device
+
+
+def _batches(indexes: Sequence[int], size: int) -> Iterator[Sequence[int]]:
+    for start in range(0, len(indexes), size):
+        yield indexes[start : start + size]
+
+
+@torch.inference_mode()
+def _probabilities(model: TileClassifier, windows: np.ndarray) -> np.ndarray:
+    """``[N, C]`` probabilities for raw windows ``[N, B, T, T]``."""
+    x = torch.from_numpy(windows.astype(np.float32, copy=False)).to(model.device)
+    return model.predict_proba(x).float().cpu().numpy()
+
+
+def window_starts(length: int, tile_size: int, stride: int) -> list[int]:
+    """Window offsets every ``stride`` pixels, the last one flush with the far edge."""
+    starts = list(range(0, length - tile_size + 1, stride))
+    if starts[-1] + tile_size < length:
+        starts.append(length - tile_size)
+    return starts
+
+
+def tent(tile_size: int) -> np.ndarray:
+    """Blending weight across a window: highest at its centre, never zero."""
+    t = np.arange(tile_size)
+    return np.minimum(t + 1, tile_size - t).astype(np.float64)
+
+
+class MapWriter:
+    """The output GeoTIFF: decision band(s), then one probability band per class."""
+
+    def __init__(
+        self,
+        path: Path,
+        spec: ModelSpec,
+        scene: Scene,
+        width: int,
+        height: int,
+        transform: Affine,
+        dtype: str,
+        tags: dict[str, str],
+    ) -> None:
+        if dtype not in ("uint8", "float32"):
+            raise ValueError(f"dtype must be uint8 or float32, not {dtype!r}")
+        if dtype == "uint8" and spec.num_classes >= UINT8_NODATA:
+            raise ValueError(f"{spec.num_classes} classes do not fit uint8 class indexes; use dtype=float32")
+        self.spec, self.dtype = spec, dtype
+        self.nodata = UINT8_NODATA if dtype == "uint8" else float("nan")
+        c = spec.num_classes
+        decisions = ["class"] if spec.task == MULTICLASS else list(spec.class_names)
+        descriptions = decisions + [f"p_{name}" for name in spec.class_names]
+        block = 256 if min(width, height) >= 256 else 16 * max(1, min(width, height) // 16)
+        profile = {
+            "driver": "GTiff", "width": width, "height": height, "count": len(descriptions),
+            "dtype": dtype, "crs": scene.crs, "transform": transform, "nodata": self.nodata,
+            "tiled": True, "blockxsize": block, "blockysize": block, "compress": "deflate",
+            "predictor": 2 if dtype == "uint8" else 3, "interleave": "band",
+        }
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", rasterio.errors.NotGeoreferencedWarning)
+            self.dst = rasterio.open(path, "w", **profile)
+        self.dst.descriptions = tuple(descriptions)
+        self.dst.update_tags(
+            class_names=json.dumps(spec.class_names),
+            task=spec.task,
+            probability_scale=str(1 / UINT8_SCALE if dtype == "uint8" else 1.0),
+            **tags,
+        )
+        if dtype == "uint8":
+            for band in range(len(decisions) + 1, len(descriptions) + 1):
+                self.dst.update_tags(band, scale=str(1 / UINT8_SCALE))
+        self.num_decisions = len(decisions)
+        self.num_classes = c
+
+    def write(self, probs: np.ndarray, invalid: np.ndarray, window: Window) -> None:
+        """Write ``probs`` ``[C, h, w]`` (float) at ``window``; ``invalid`` pixels get nodata."""
+        if self.spec.task == MULTICLASS:
+            decisions = probs.argmax(axis=0)[None].astype(np.float64)
+        else:
+            decisions = (probs >= self.spec.thresholds[:, None, None]).astype(np.float64)
+        values = probs * UINT8_SCALE if self.dtype == "uint8" else probs
+        out = np.concatenate([decisions, values])
+        if self.dtype == "uint8":
+            out = np.rint(out)
+        out[:, invalid] = self.nodata
+        self.dst.write(out.astype(self.dtype), window=window)
+
+    def close(self) -> None:
+        self.dst.close()
+
+
+def predict_scene(
+    model: TileClassifier,
+    spec: ModelSpec,
+    scene: Scene,
+    out: str | os.PathLike,
+    stride: int | None = None,
+    batch_size: int = 256,
+    full_resolution: bool = False,
+    max_nodata: float = 0.5,
+    dtype: str = "uint8",
+    cog: bool = False,
+    tags: dict[str, str] | None = None,
+) -> dict[str, object]:
+    """Classify ``scene`` window by window and write the map to ``out``; returns a summary.
+
+    One output pixel per stride (the window centred on it) by default; with
+    ``full_resolution`` the output is on the scene's grid and overlapping windows are
+    blended with a centre-weighted tent. Windows with more than ``max_nodata`` nodata are
+    not classified; their pixels, and every nodata input pixel, are nodata in the output.
+    """
+    check_bands(spec, scene.count, scene.name)
+    tile, stride = spec.tile_size, stride or spec.tile_size
+    if scene.crs is None:
+        warnings.warn(f"{scene.name} has no CRS: the map is written without one", stacklevel=2)
+    out = Path(out)
+    target = out.with_suffix(".tmp.tif") if cog else out
+    tags = {"tile_size": str(tile), "stride": str(stride), "full_resolution": str(full_resolution), **(tags or {})}
+    if full_resolution:
+        if tile > min(scene.height, scene.width):
+            raise ValueError(f"{scene.name}: the scene ({scene.height}x{scene.width}) is smaller than the tile size {tile}")
+        writer = MapWriter(target, spec, scene, scene.width, scene.height, scene.transform, dtype, tags)
+        run = _full_resolution
+    else:
+        width, height = math.ceil(scene.width / stride), math.ceil(scene.height / stride)
+        writer = MapWriter(target, spec, scene, width, height, scene.transform * Affine.scale(stride), dtype, tags)
+        run = _per_window
+    try:
+        counts = run(model, spec, scene, writer, tile, stride, batch_size, max_nodata)
+    finally:
+        writer.close()
+    if cog:
+        rasterio.shutil.copy(target, out, driver="COG", compress="DEFLATE", blocksize=256)
+        target.unlink()
+    return {"out": str(out), "tile_size": tile, "stride": stride, **counts}
+
+
+def _read_padded(scene: Scene, bands: list[int], row0: int, col0: int, height: int, width: int) -> np.ndarray:
+    """Rows/cols of the scene, mirrored where the request reaches past an edge."""
+    r0, r1 = max(row0, 0), min(row0 + height, scene.height)
+    c0, c1 = max(col0, 0), min(col0 + width, scene.width)
+    data = scene.read(Window(c0, r0, c1 - c0, r1 - r0), bands)
+    pad = ((0, 0), (r0 - row0, row0 + height - r1), (c0 - col0, col0 + width - c1))
+    return np.pad(data, pad, mode="symmetric") if any(p != (0, 0) for p in pad) else data
+
+
+def _classify_strip(
+    model: TileClassifier, scene: Scene, strip: np.ndarray, starts: list[int], tile: int, batch_size: int,
+    max_nodata: float,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Probabilities ``[n, C]`` of the windows at column ``starts`` of ``strip``, and which are valid."""
+    nodata = scene.nodata_mask(strip)
+    valid = np.asarray([nodata[:, s : s + tile].mean() <= max_nodata for s in starts])
+    probs = np.zeros((len(starts), 0), np.float32)
+    chosen = np.flatnonzero(valid)
+    parts = [
+        _probabilities(model, np.stack([strip[:, :, starts[i] : starts[i] + tile] for i in batch]))
+        for batch in _batches(chosen, batch_size)
+    ]
+    if parts:
+        probs = np.zeros((len(starts), parts[0].shape[1]), np.float32)
+        probs[chosen] = np.concatenate(parts)
+    return probs, valid
+
+
+def _per_window(
+    model: TileClassifier, spec: ModelSpec, scene: Scene, writer: MapWriter, tile: int, stride: int,
+    batch_size: int, max_nodata: float,
+) -> dict[str, int]:
+    """One output pixel per ``stride`` block, from the window centred on that block."""
+    offset = (tile - stride) // 2
+    n_cols = writer.dst.width
+    starts = [j * stride for j in range(n_cols)]
+    classified = skipped = 0
+    for i in range(writer.dst.height):
+        strip = _read_padded(scene, spec.bands, i * stride - offset, -offset, tile, (n_cols - 1) * stride + tile)
+        probs, valid = _classify_strip(model, scene, strip, starts, tile, batch_size, max_nodata)
+        if not valid.any():
+            probs = np.zeros((n_cols, spec.num_classes), np.float32)
+        writer.write(probs.T[:, None, :], ~valid[None, :], Window(0, i, n_cols, 1))
+        classified += int(valid.sum())
+        skipped += int((~valid).sum())
+    return {"windows": classified, "nodata_windows": skipped}
+
+
+def _full_resolution(
+    model: TileClassifier, spec: ModelSpec, scene: Scene, writer: MapWriter, tile: int, stride: int,
+    batch_size: int, max_nodata: float,
+) -> dict[str, int]:
+    """Every scene pixel: the tent-weighted mean of the windows covering it."""
+    ys, xs = window_starts(scene.height, tile, stride), window_starts(scene.width, tile, stride)
+    weight = tent(tile)
+    wx = np.zeros((len(xs), scene.width))
+    for k, x in enumerate(xs):
+        wx[k, x : x + tile] = weight
+    kept: list[tuple[int, np.ndarray, np.ndarray]] = []  # (row start, probs [n, C], valid [n])
+    done = classified = skipped = 0
+    for r, y in enumerate(ys):
+        strip = scene.read(Window(0, y, scene.width, tile), spec.bands)
+        probs, valid = _classify_strip(model, scene, strip, xs, tile, batch_size, max_nodata)
+        if probs.shape[1] == 0:
+            probs = np.zeros((len(xs), spec.num_classes), np.float32)
+        kept.append((y, probs, valid))
+        classified, skipped = classified + int(valid.sum()), skipped + int((~valid).sum())
+        final = ys[r + 1] if r + 1 < len(ys) else scene.height
+        if final <= done:
+            continue
+        num = np.zeros((spec.num_classes, final - done, scene.width))
+        den = np.zeros((final - done, scene.width))
+        for y0, p, v in kept:
+            wy = np.zeros(final - done)
+            lo, hi = max(y0, done), min(y0 + tile, final)
+            if lo >= hi:
+                continue
+            wy[lo - done : hi - done] = weight[lo - y0 : hi - y0]
+            row_w = v @ wx  # [W]
+            num += wy[None, :, None] * ((p * v[:, None]).T @ wx)[:, None, :]
+            den += wy[:, None] * row_w[None, :]
+        rows = Window(0, done, scene.width, final - done)
+        invalid = (den == 0) | scene.nodata_mask(scene.read(rows, spec.bands))
+        writer.write(num / np.maximum(den, 1e-12)[None], invalid, rows)
+        done = final
+        kept = [k for k in kept if k[0] + tile > done]
+    return {"windows": classified, "nodata_windows": skipped}
+
+
+def tile_paths(tiles: str | os.PathLike) -> list[Path]:
+    """The tiles of a manifest folder (``labels.csv`` order) or every GeoTIFF below a folder."""
+    root = Path(tiles)
+    manifest = root / "labels.csv"
+    if manifest.is_file():
+        with manifest.open(newline="", encoding="utf-8-sig") as handle:
+            return [root / row["path"] for row in csv.DictReader(handle)]
+    paths = sorted(p for p in root.rglob("*") if p.suffix.lower() in TILE_SUFFIXES)
+    if not paths:
+        raise FileNotFoundError(f"{root}: no labels.csv and no .tif tiles")
+    return paths
+
+
+def predict_tiles(
+    model: TileClassifier, spec: ModelSpec, tiles: str | os.PathLike, out: str | os.PathLike, batch_size: int = 256
+) -> int:
+    """One CSV row per tile: path, predicted class(es) and one probability per class."""
+    paths = tile_paths(tiles)
+    first = read_header(paths[0])
+    check_bands(spec, first.count, str(paths[0]))
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with out.open("w", newline="", encoding="utf-8") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["path", "predicted", *[f"p_{name}" for name in spec.class_names]])
+        for batch in _batches(paths, batch_size):
+            images = [read_raster(p, spec.bands) for p in batch]
+            for path, image in zip(batch, images):
+                if image.shape != images[0].shape:
+                    raise TileError(path, f"is {image.shape[1]}x{image.shape[2]}, not {images[0].shape[1]}x{images[0].shape[2]} like {batch[0]}")
+            probs = _probabilities(model, np.stack(images))
+            for path, p in zip(batch, probs):
+                if spec.task == MULTICLASS:
+                    predicted = spec.class_names[int(p.argmax())]
+                else:
+                    predicted = " ".join(n for n, hit in zip(spec.class_names, p >= spec.thresholds) if hit)
+                writer.writerow([str(path), predicted, *[f"{v:.6f}" for v in p]])
+    return len(paths)
