@@ -13,6 +13,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from deforest.datamodule import TileDataModule
+from deforest.hydra_ddp import ddp_children_join_this_job
 from deforest.module import TileClassifier
 
 log = logging.getLogger(__name__)
@@ -108,7 +109,8 @@ def _write_records(output_dir: Path, metrics: dict[str, Any], cfg: DictConfig, d
 
 @hydra.main(version_base="1.3", config_path=CONFIG_PATH, config_name="train")
 def main(cfg: DictConfig) -> float | None:
-    metrics = train(cfg)
+    with ddp_children_join_this_job():
+        metrics = train(cfg)
     objective = cfg.get("optimized_metric")
     return metrics.get(objective) if objective else None
 
