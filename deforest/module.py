@@ -19,7 +19,7 @@ from deforest.datasets import MULTICLASS, MULTILABEL
 from deforest.losses import Criterion, DynamicWeightedLoss
 from deforest.metrics import TUNING_BETAS, build_metrics, metric_inputs, tune_thresholds
 from deforest.models import build_backbone
-from deforest.transforms import BandNormalizer, d4_views
+from deforest.transforms import BandNormalizer, d4_views, random_d4
 
 OptimizerFactory = Callable[..., torch.optim.Optimizer]
 SchedulerFactory = Callable[..., Any]
@@ -46,6 +46,10 @@ class TileClassifier(pl.LightningModule):
             the thresholds of its own weights; ``None`` keeps them fixed.
         nonfinite_loss: ``error`` stops on a NaN/inf loss naming the batch; ``skip`` skips it.
         criterion: optional custom loss receiving the batch weights.
+        channels_last: run the network in NHWC memory layout (faster convolutions on GPUs).
+        compile: ``torch.compile`` the network: ``True`` or a dict of its keyword arguments.
+        device_flips: random flips/rotations of training batches on the device, replacing
+            CPU augmentation in the DataLoader workers (set ``data.augment=[]``).
     """
 
     def __init__(
@@ -70,6 +74,9 @@ class TileClassifier(pl.LightningModule):
         nonfinite_loss: str = "error",
         criterion: Criterion | None = None,
         tune_thresholds: str | None = None,
+        channels_last: bool = False,
+        compile: bool | Mapping[str, Any] = False,
+        device_flips: bool = False,
     ) -> None:
         super().__init__()
         if task not in (MULTICLASS, MULTILABEL):
@@ -92,6 +99,9 @@ class TileClassifier(pl.LightningModule):
         self.tta = tta
         self.nonfinite_loss = nonfinite_loss
         self.tune_thresholds = tune_thresholds if task == MULTILABEL else None
+        self.channels_last = channels_last
+        self.compile_options = ({} if compile is True else dict(compile)) if compile else None
+        self.device_flips = device_flips
         self.register_buffer(
             "thresholds",
             torch.as_tensor(thresholds if thresholds is not None else [0.5] * num_classes, dtype=torch.float32),
@@ -109,7 +119,10 @@ class TileClassifier(pl.LightningModule):
     # ---- forward ------------------------------------------------------------------------
     def forward(self, x: Tensor) -> Tensor:
         """Logits for raw band values ``[N, C, H, W]``."""
-        return self.net(self.normalizer(x))
+        x = self.normalizer(x)
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        return self.net(x)
 
     def predict_proba(self, x: Tensor) -> Tensor:
         """Class probabilities (softmax) or label probabilities (sigmoid), with TTA if set."""
@@ -203,6 +216,19 @@ class TileClassifier(pl.LightningModule):
     def predict_step(self, batch: dict[str, Tensor] | Tensor, batch_idx: int) -> Tensor:
         image = batch["image"] if isinstance(batch, dict) else batch
         return self.predict_proba(image)
+
+    # ---- speed switches -----------------------------------------------------------------
+    def configure_model(self) -> None:
+        """Memory layout and compilation, applied once the trainer has placed the model."""
+        if self.channels_last:
+            self.net.to(memory_format=torch.channels_last)
+        if self.compile_options is not None and not getattr(self.net, "_compiled_call_impl", None):
+            self.net.compile(**self.compile_options)  # in place: state_dict keys stay the same
+
+    def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        if self.device_flips and self.trainer.training and isinstance(batch, dict):
+            batch = {**batch, "image": random_d4(batch["image"])}
+        return batch
 
     # ---- fit hooks ----------------------------------------------------------------------
     def on_train_start(self) -> None:

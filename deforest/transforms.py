@@ -87,3 +87,17 @@ def d4_views(x: Tensor) -> list[Tensor]:
     """The eight flips and rotations of a batch (test-time augmentation for overhead images)."""
     rotations = [torch.rot90(x, k, dims=(-2, -1)) for k in range(4)]
     return rotations + [r.flip(-1) for r in rotations]
+
+
+def random_d4(x: Tensor, generator: torch.Generator | None = None) -> Tensor:
+    """Each square tile of a batch under its own random flip/rotation, on the batch's device.
+
+    A random transpose, horizontal and vertical flip compose to the eight D4 elements with
+    equal probability; ``torch.where`` keeps it free of host syncs (no boolean indexing).
+    """
+    if x.shape[-1] != x.shape[-2]:
+        raise ValueError(f"device flips need square tiles, got {x.shape[-2]}x{x.shape[-1]}")
+    bits = torch.randint(0, 2, (3, x.shape[0], 1, 1, 1), device=x.device, generator=generator, dtype=torch.bool)
+    x = torch.where(bits[0], x.transpose(-1, -2), x)
+    x = torch.where(bits[1], x.flip(-1), x)
+    return torch.where(bits[2], x.flip(-2), x)
