@@ -1,0 +1,109 @@
+"""Bad tiles: what makes a tile unusable, and the ``data.on_bad_tile`` policy for them.
+
+A bad tile either stops the run with a :class:`TileError` naming the file (``error``, the
+default) or is left out, logged and counted (``skip``). Faults found while loading batches
+travel back from the DataLoader workers as data and are raised or counted in the main
+process, so users never see a worker traceback.
+
+Nodata rule: a tile whose pixels are all nodata is a bad tile; nodata pixels of a partly
+covered tile are filled with the training mean of their band, which is 0 after
+normalisation, so they carry no signal.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections import Counter
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+from torch.utils.data import default_collate
+
+from deforest.io import SUPPORTED_DTYPES, RasterHeader, TileError
+
+log = logging.getLogger(__name__)
+
+POLICIES = ("error", "skip")
+
+
+class BadTiles:
+    """Raises or records bad tiles according to ``data.on_bad_tile``."""
+
+    def __init__(self, policy: str = "error") -> None:
+        if policy not in POLICIES:
+            raise ValueError(f"data.on_bad_tile must be error or skip, not {policy!r}")
+        self.policy = policy
+        self.problems: dict[str, str] = {}
+
+    def __len__(self) -> int:
+        return len(self.problems)
+
+    def add(self, err: TileError, source: str | None = None, more: int = 0) -> None:
+        """Stop on ``err`` (``error``) or remember ``source`` as skipped (``skip``).
+
+        ``more``: how many other bad tiles the same pass found (named in the error).
+        """
+        if self.policy == "error":
+            others = f"; {more} other bad tile(s) found too" if more else ""
+            raise TileError(err.path, f"{err.problem} (data.on_bad_tile=skip leaves bad tiles out{others})")
+        source = source or err.path
+        if source not in self.problems:
+            log.warning("skipping bad tile %s", err)
+            self.problems[source] = str(err)
+
+
+def reference_header(headers: Sequence[RasterHeader]) -> RasterHeader:
+    """The most common band count and size among ``headers``: what the dataset's tiles are."""
+    shapes = Counter((h.count, h.height, h.width) for h in headers)
+    common = shapes.most_common(1)[0][0]
+    return next(h for h in headers if (h.count, h.height, h.width) == common)
+
+
+def check_header(path: str, header: RasterHeader, reference: RasterHeader) -> None:
+    """Raise :class:`TileError` when ``header`` does not fit the dataset's tiles."""
+    if header.dtype not in SUPPORTED_DTYPES:
+        raise TileError(path, f"has unsupported dtype {header.dtype} (supported: {sorted(SUPPORTED_DTYPES)})")
+    if header.count != reference.count:
+        raise TileError(path, f"has {header.count} bands, the dataset's tiles have {reference.count}")
+    if (header.height, header.width) != (reference.height, reference.width):
+        raise TileError(
+            path,
+            f"is {header.height}x{header.width} pixels, the dataset's tiles are {reference.height}x{reference.width}",
+        )
+
+
+def valid_pixels(image: np.ndarray, nodata: float | None) -> np.ndarray | None:
+    """Per-pixel validity ``[C, H, W]`` (``None`` when the tiles declare no nodata)."""
+    if nodata is None:
+        return None
+    return ~np.isnan(image) if math.isnan(nodata) else image != np.float32(nodata)
+
+
+def check_pixels(source: str, image: np.ndarray, valid: np.ndarray | None) -> None:
+    """All-nodata tiles and NaN/inf among the valid pixels are errors."""
+    if valid is not None and not valid.any():
+        raise TileError(source, "every pixel is nodata")
+    finite = np.isfinite(image) if valid is None else np.isfinite(image) | ~valid
+    if not finite.all():
+        raise TileError(source, f"contains {int((~finite).sum())} NaN or infinite pixel values")
+
+
+def fill_nodata(image: np.ndarray, valid: np.ndarray | None, fill: Sequence[float]) -> np.ndarray:
+    """Nodata pixels take their band's ``fill`` value (the raw value that normalises to 0)."""
+    if valid is None or valid.all():
+        return image
+    return np.where(valid, image, np.asarray(fill, np.float32)[:, None, None])
+
+
+def collate_tiles(items: list[dict]) -> dict:
+    """Batch the good items; bad ones ride along as ``batch["bad"] = [(path, problem)]``."""
+    bad = [item["bad"] for item in items if "bad" in item]
+    good = [item for item in items if "bad" not in item]
+    if good:
+        batch = default_collate(good)
+    else:
+        batch = {"image": torch.empty(0), "target": torch.empty(0, dtype=torch.long), "index": torch.empty(0, dtype=torch.long)}
+    batch["bad"] = bad
+    return batch
