@@ -20,7 +20,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from deforest.datasets import MULTICLASS, SPLITS, DatasetError, TileIndex, TileLayout, describe_split_counts
 from deforest.io import RasterHeader, TileError, file_fingerprint, read_header, resolve_bands
-from deforest.splits import assign_splits
+from deforest.splits import assign_splits, spatial_blocks
 from deforest.transforms import build_augmentation
 from deforest.validation import (
     BadTiles,
@@ -98,6 +98,8 @@ class TileDataModule(pl.LightningDataModule):
         bands: band names or 1-based indexes to read; ``None`` reads all.
         batch_size, num_workers, pin_memory, persistent_workers: DataLoader settings.
         val_fraction, test_fraction: shares for samples without a given split.
+        split, block_size: ``random``, or ``spatial``: whole squares of ``block_size`` (tile
+            CRS units) go to one split, from the bounds columns ``deforest-tile`` writes.
         seed: seeds the split and the statistics sample.
         augment: albumentations transforms for training (instantiated by Hydra).
         log_scale: normalise ``log1p`` of the values (stored with the statistics).
@@ -120,6 +122,8 @@ class TileDataModule(pl.LightningDataModule):
         persistent_workers: bool = False,
         val_fraction: float = 0.1,
         test_fraction: float = 0.2,
+        split: str = "random",
+        block_size: float | None = None,
         seed: int = 42,
         augment: Sequence[A.BasicTransform] | None = None,
         log_scale: bool = True,
@@ -147,6 +151,9 @@ class TileDataModule(pl.LightningDataModule):
         self.persistent_workers = persistent_workers and num_workers > 0
         self.val_fraction = val_fraction
         self.test_fraction = test_fraction
+        if split not in ("random", "spatial"):
+            raise ValueError(f"data.split must be random or spatial, not {split!r}")
+        self.split, self.block_size = split, block_size
         self.seed = seed
         self.augment_transforms = list(augment or [])
         self.log_scale = log_scale
@@ -186,7 +193,9 @@ class TileDataModule(pl.LightningDataModule):
         first = self._reference_header(index)
         self.nodata = first.nodata
         self.bands = resolve_bands(self.band_selection, self.layout.band_names, first.count)
-        assignment = assign_splits(index, self.val_fraction, self.test_fraction, self.seed)
+        self.source_band_count = first.count
+        groups = spatial_blocks(index, self.block_size) if self.split == "spatial" else None
+        assignment = assign_splits(index, self.val_fraction, self.test_fraction, self.seed, groups)
         if self.imbalance:
             keep = self._imbalance_mask(index, assignment)
             index = _subset(index, keep)

@@ -33,6 +33,7 @@ class TileClassifier(pl.LightningModule):
         class_names: one per output.
         band_mean, band_std, log_scale: input normalisation (see :class:`BandNormalizer`).
         bands, tile_size: what the model was trained on, kept for prediction.
+        source_band_count: band count of the files trained on; prediction checks scenes by it.
         backbone, small_tile_stem, width, dropout: see :func:`deforest.models.build_backbone`.
         loss: keyword arguments of :class:`DynamicWeightedLoss` (``scheme``, ``normalize``, ...).
         optimizer: ``optimizer(params)`` factory (a Hydra partial).
@@ -61,6 +62,7 @@ class TileClassifier(pl.LightningModule):
         log_scale: bool = True,
         bands: Sequence[int] | None = None,
         tile_size: Sequence[int] | None = None,
+        source_band_count: int | None = None,
         backbone: str = "small_cnn",
         small_tile_stem: bool = True,
         width: int = 32,

@@ -1,14 +1,19 @@
 """Seeded, stratified train/val/test assignment for samples without a given split.
 
 One algorithm serves both tasks: iterative stratification (Sechidis, Tsoumakas & Vlahavas,
-ECML 2011), which for single-label data reduces to an exact per-class split.
+ECML 2011), which for single-label data reduces to an exact per-class split. Spatial splits
+run it over square blocks of tiles instead of tiles, so neighbours never straddle splits.
 """
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
-from deforest.datasets import SPLITS, TileIndex
+from deforest.datasets import SPLITS, DatasetError, TileIndex
+
+BOUNDS_COLUMNS = ("minx", "miny", "maxx", "maxy", "crs")
 
 
 def iterative_stratification(
@@ -53,13 +58,51 @@ def iterative_stratification(
     return np.asarray(names, dtype=object)[out]
 
 
+def spatial_blocks(index: TileIndex, block_size: float) -> np.ndarray:
+    """Per tile, the block holding its centre: squares of ``block_size`` CRS units, per CRS.
+
+    Reads the ``minx, miny, maxx, maxy, crs`` manifest columns that ``deforest-tile`` writes.
+    """
+    if not block_size or block_size <= 0:
+        raise ValueError(f"data.split=spatial needs data.block_size > 0 (tile CRS units), not {block_size}")
+    missing = [c for c in BOUNDS_COLUMNS if c not in index.meta]
+    if missing:
+        raise DatasetError(
+            f"data.split=spatial needs the manifest columns {list(BOUNDS_COLUMNS)} (deforest-tile writes them); "
+            f"missing {missing}"
+        )
+    blocks: dict[tuple[str, int, int], int] = {}
+    out = np.empty(len(index), np.int64)
+    for i, (minx, miny, maxx, maxy, crs) in enumerate(zip(*(index.meta[c] for c in BOUNDS_COLUMNS))):
+        try:
+            cx, cy = (float(minx) + float(maxx)) / 2, (float(miny) + float(maxy)) / 2
+        except ValueError:
+            raise DatasetError(f"{index.sources[i]}: bounds {minx, miny, maxx, maxy} are not numbers") from None
+        key = (crs, math.floor(cx / block_size), math.floor(cy / block_size))
+        out[i] = blocks.setdefault(key, len(blocks))
+    return out
+
+
+def _stratify(
+    one_hot: np.ndarray, fractions: dict[str, float], seed: int, groups: np.ndarray | None
+) -> np.ndarray:
+    """Iterative stratification of rows, or of whole groups (a group carries its rows' labels)."""
+    if groups is None:
+        return iterative_stratification(one_hot, fractions, seed)
+    _, inverse = np.unique(groups, return_inverse=True)
+    group_hot = np.zeros((inverse.max() + 1, one_hot.shape[1]), bool)
+    np.logical_or.at(group_hot, inverse, one_hot.astype(bool))
+    return iterative_stratification(group_hot, fractions, seed)[inverse]
+
+
 def assign_splits(
-    index: TileIndex, val_fraction: float, test_fraction: float, seed: int
+    index: TileIndex, val_fraction: float, test_fraction: float, seed: int, groups: np.ndarray | None = None
 ) -> list[str]:
     """Keep given splits; stratify the rest.
 
     Samples without a split are divided into train/val/test. When the data gives train and
     test but no val (the EuroSAT sample), val is carved out of train with ``val_fraction``.
+    ``groups`` (e.g. :func:`spatial_blocks`) keeps every group in one split.
     """
     given = np.asarray([s or "" for s in index.splits], dtype=object)
     out = given.copy()
@@ -68,14 +111,15 @@ def assign_splits(
     if free.any():
         fractions = {"train": 1.0 - val_fraction - test_fraction, "val": val_fraction, "test": test_fraction}
         fractions = {k: v for k, v in fractions.items() if v > 0}
-        out[free] = iterative_stratification(one_hot[free], fractions, seed)
+        out[free] = _stratify(one_hot[free], fractions, seed, None if groups is None else groups[free])
     if not (out == "val").any() and val_fraction > 0:
         train = np.flatnonzero(out == "train")
-        carved = iterative_stratification(
-            one_hot[train], {"train": 1.0 - val_fraction, "val": val_fraction}, seed
+        carved = _stratify(
+            one_hot[train], {"train": 1.0 - val_fraction, "val": val_fraction}, seed,
+            None if groups is None else groups[train],
         )
         out[train] = carved
     return [str(s) for s in out]
 
 
-__all__ = ["SPLITS", "assign_splits", "iterative_stratification"]
+__all__ = ["SPLITS", "assign_splits", "iterative_stratification", "spatial_blocks"]

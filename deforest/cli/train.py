@@ -48,6 +48,7 @@ def build_model(model_cfg: DictConfig, loss_cfg: DictConfig, datamodule: TileDat
         log_scale=datamodule.log_scale,
         bands=datamodule.bands,
         tile_size=list(datamodule.tile_size),
+        source_band_count=datamodule.source_band_count,
         loss=loss,
         optimizer=optimizer,
         scheduler=scheduler,
