@@ -134,6 +134,8 @@ class TileClassifier(pl.LightningModule):
 
     # ---- steps --------------------------------------------------------------------------
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor | None:
+        if batch["target"].shape[0] == 0:  # every tile of the batch was a skipped bad tile
+            return None
         logits = self(batch["image"])
         loss = self.criterion(logits, batch["target"])
         if not torch.isfinite(loss):  # one host sync per step, outside the loss path
@@ -160,6 +162,8 @@ class TileClassifier(pl.LightningModule):
         return [dataset.sources[i] for i in indexes] if dataset is not None else [str(i) for i in indexes]
 
     def _eval_step(self, batch: dict[str, Tensor], stage: str) -> None:
+        if batch["target"].shape[0] == 0:  # every tile of the batch was a skipped bad tile
+            return
         probs = self.predict_proba(batch["image"])
         target = batch["target"]
         if self.task == MULTICLASS:
