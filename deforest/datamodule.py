@@ -20,6 +20,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from deforest.datasets import MULTICLASS, SPLITS, DatasetError, TileIndex, TileLayout, describe_split_counts
 from deforest.io import RasterHeader, TileError, file_fingerprint, read_header, resolve_bands
+from deforest.pack import PackedLayout
 from deforest.splits import assign_splits, spatial_blocks
 from deforest.transforms import build_augmentation
 from deforest.validation import (
@@ -110,6 +111,8 @@ class TileDataModule(pl.LightningDataModule):
         validate: ``quick`` reads every header, ``full`` also every pixel, ``off`` trusts.
         on_bad_tile: ``error`` stops on a bad tile naming it; ``skip`` leaves it out, logged
             and counted in :attr:`bad_tiles` (see :mod:`deforest.validation`).
+        packed: a pack of ``layout`` written by ``deforest-pack``: tiles are read from it
+            (same samples, splits and augmentation); a stale pack is an error.
     """
 
     def __init__(
@@ -132,6 +135,7 @@ class TileDataModule(pl.LightningDataModule):
         imbalance: Mapping[str, float] | None = None,
         validate: str = "quick",
         on_bad_tile: str = "error",
+        packed: str | None = None,
     ) -> None:
         super().__init__()
         if batch_size < 1:
@@ -143,7 +147,7 @@ class TileDataModule(pl.LightningDataModule):
         if validate not in ("quick", "full", "off"):
             raise ValueError(f"data.validate must be quick, full or off, not {validate!r}")
         self.bad_tiles = BadTiles(on_bad_tile)
-        self.layout = layout
+        self.layout = PackedLayout(packed, layout) if packed else layout
         self.band_selection = None if bands is None else list(bands)
         self.batch_size = batch_size
         self.num_workers = num_workers
@@ -283,7 +287,7 @@ class TileDataModule(pl.LightningDataModule):
     def _validate_headers(self, first) -> tuple[int, int]:
         """Every tile must have the dataset's band count and size and a supported dtype (``quick``)."""
         size = (first.height, first.width)
-        if self.validate == "off":
+        if self.validate == "off" or isinstance(self.layout, PackedLayout):  # packing checked them
             return size
         cached = self._cache_load("headers")
         if cached is None:
