@@ -9,6 +9,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 import numpy as np  # noqa: E402
 
 
@@ -30,3 +31,124 @@ def plot_class_distribution(counts: Mapping[str, Mapping[str, int]], path: str |
     fig.savefig(path)
     plt.close(fig)
     return Path(path)
+
+
+def _grid(n: int, max_cols: int) -> tuple[int, int]:
+    cols = max(1, min(max_cols, n))
+    return (n + cols - 1) // cols, cols
+
+
+def _save(fig: plt.Figure, path: str | Path) -> Path:
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return Path(path)
+
+
+def plot_confusion_matrix(counts: np.ndarray, normalized: np.ndarray, class_names: list[str], path: str | Path) -> Path:
+    """Counts and row-normalised (recall per true class) matrices side by side."""
+    n = len(class_names)
+    side = max(4.0, 0.45 * n + 2)
+    fig, axes = plt.subplots(1, 2, figsize=(2 * side, side), dpi=100)
+    for ax, matrix, title, fmt in ((axes[0], counts, "counts", "{:.0f}"), (axes[1], normalized, "normalised by row", "{:.2f}")):
+        shown = ax.imshow(matrix, cmap="Blues", vmin=0)
+        fig.colorbar(shown, ax=ax, fraction=0.046, pad=0.04)
+        if n <= 20:
+            top = matrix.max() or 1
+            for (i, j), value in np.ndenumerate(matrix):
+                ax.text(j, i, fmt.format(value), ha="center", va="center", fontsize=7,
+                        color="white" if value > 0.6 * top else "black")
+        ax.set_xticks(range(n))
+        ax.set_yticks(range(n))
+        ax.set_xticklabels([c[:20] for c in class_names], rotation=60, ha="right", fontsize=7)
+        ax.set_yticklabels([c[:20] for c in class_names], fontsize=7)
+        ax.set_xlabel("predicted")
+        ax.set_ylabel("true")
+        ax.set_title(f"Confusion matrix ({title})")
+    return _save(fig, path)
+
+
+def plot_label_confusion(matrices: np.ndarray, class_names: list[str], path: str | Path) -> Path:
+    """Multi-label: each label's TP/FN/FP/TN counts, one row per label (normalised colour per row)."""
+    # torchmetrics' multilabel confusion matrix is [[TN, FP], [FN, TP]] per label
+    table = np.stack([matrices[:, 1, 1], matrices[:, 1, 0], matrices[:, 0, 1], matrices[:, 0, 0]], axis=1)
+    shade = table / np.maximum(table.sum(axis=1, keepdims=True), 1)
+    n = len(class_names)
+    fig, ax = plt.subplots(figsize=(7, max(3.0, 0.3 * n + 1.5)), dpi=100)
+    ax.imshow(shade, cmap="Blues", vmin=0, vmax=1, aspect="auto")
+    for (i, j), value in np.ndenumerate(table):
+        ax.text(j, i, f"{value:.0f}", ha="center", va="center", fontsize=7)
+    ax.set_xticks(range(4))
+    ax.set_xticklabels(["TP", "FN", "FP", "TN"])
+    ax.set_yticks(range(n))
+    ax.set_yticklabels([c[:40] for c in class_names], fontsize=7)
+    ax.set_title("Per-label confusion (tiles)")
+    return _save(fig, path)
+
+
+def plot_pr_curves(
+    curves: list[tuple[np.ndarray, np.ndarray]], scores: list[float], class_names: list[str], path: str | Path
+) -> Path:
+    """One precision-recall panel per class, titled with its average precision."""
+    rows, cols = _grid(len(class_names), 5)
+    fig, axes = plt.subplots(rows, cols, figsize=(2.6 * cols, 2.4 * rows), dpi=100, squeeze=False)
+    for ax in axes.flat[len(class_names):]:
+        ax.axis("off")
+    for ax, (precision, recall), ap, name in zip(axes.flat, curves, scores, class_names):
+        ax.plot(recall, precision)
+        ax.set_xlim(0, 1)
+        ax.set_ylim(0, 1.02)
+        ax.set_title(f"{name[:22]}\nAP {ap:.3f}", fontsize=8)
+        ax.tick_params(labelsize=6)
+        ax.set_xlabel("recall", fontsize=7)
+        ax.set_ylabel("precision", fontsize=7)
+    return _save(fig, path)
+
+
+def plot_training_curves(epochs: Mapping[str, Mapping[int, float]], path: str | Path) -> Path:
+    """Per-epoch series: losses in one panel, validation scores in the other."""
+    losses = {k: v for k, v in epochs.items() if k.endswith("loss") or k.endswith("loss_epoch")}
+    scores = {k: v for k, v in epochs.items() if k not in losses}
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4), dpi=100)
+    for ax, series, title in ((axes[0], losses, "loss"), (axes[1], scores, "validation metrics")):
+        for name, points in series.items():
+            ax.plot(list(points), list(points.values()), marker="o", markersize=3, label=name)
+        ax.set_xlabel("epoch")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.set_title(title)
+        if series:
+            ax.legend(fontsize=7)
+    return _save(fig, path)
+
+
+def quicklook(image: np.ndarray, low: float = 2, high: float = 98) -> np.ndarray:
+    """``[C, H, W]`` (1 or 3 bands) to an ``[H, W, 3]`` picture in [0, 1], each band stretched
+    between its ``low`` and ``high`` percentiles of finite pixels."""
+    bands = image if image.shape[0] == 3 else np.repeat(image[:1], 3, axis=0)
+    out = np.zeros(bands.shape, np.float32)
+    for i, band in enumerate(bands):
+        finite = band[np.isfinite(band)]
+        if finite.size == 0:
+            continue
+        lo, hi = np.percentile(finite, [low, high])
+        out[i] = np.clip((band - lo) / (hi - lo), 0, 1) if hi > lo else 0.5
+    return np.nan_to_num(out).transpose(1, 2, 0)
+
+
+def plot_examples(pictures: list[np.ndarray], captions: list[str], wrong: list[bool], path: str | Path) -> Path:
+    """A grid of quicklooks with captions; wrong predictions get a red frame and caption."""
+    rows, cols = _grid(len(pictures), 6)
+    caption_lines = max((c.count("\n") + 1 for c in captions), default=1)
+    fig, axes = plt.subplots(rows, cols, figsize=(2.4 * cols, (2.1 + 0.13 * caption_lines) * rows), dpi=100, squeeze=False)
+    for ax in axes.flat:
+        ax.set_xticks([])
+        ax.set_yticks([])
+    for ax in axes.flat[len(pictures):]:
+        ax.axis("off")
+    for ax, picture, caption, bad in zip(axes.flat, pictures, captions, wrong):
+        ax.imshow(picture, interpolation="nearest")
+        ax.set_title(caption, fontsize=6.5, color="red" if bad else "black", loc="left")
+        for spine in ax.spines.values():
+            spine.set_edgecolor("red" if bad else "0.6")
+            spine.set_linewidth(3 if bad else 0.5)
+    return _save(fig, path)

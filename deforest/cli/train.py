@@ -1,4 +1,4 @@
-"""``deforest-train``: fit, test the best checkpoint, write ``metrics.json`` and ``summary.md``."""
+"""``deforest-train``: fit, test the best checkpoint, write ``metrics.json``, ``summary.md`` and ``report.md``."""
 
 from __future__ import annotations
 
@@ -15,6 +15,8 @@ from omegaconf import DictConfig, OmegaConf
 from deforest.datamodule import TileDataModule
 from deforest.hydra_ddp import ddp_children_join_this_job
 from deforest.module import TileClassifier
+from deforest.progress import progress_callbacks
+from deforest.report import report_on_split
 
 log = logging.getLogger(__name__)
 
@@ -30,7 +32,9 @@ def build_datamodule(data_cfg: DictConfig) -> TileDataModule:
     return TileDataModule(layout=layout, augment=list(augment), **options)
 
 
-def build_model(model_cfg: DictConfig, loss_cfg: DictConfig, datamodule: TileDataModule) -> TileClassifier:
+def build_model(
+    model_cfg: DictConfig, loss_cfg: DictConfig, datamodule: TileDataModule, tune_thresholds: str | None = None
+) -> TileClassifier:
     """The classifier, sized and normalised from what the datamodule found."""
     options = OmegaConf.to_container(model_cfg, resolve=True)
     task = options.pop("task", None) or datamodule.task
@@ -53,6 +57,7 @@ def build_model(model_cfg: DictConfig, loss_cfg: DictConfig, datamodule: TileDat
         optimizer=optimizer,
         scheduler=scheduler,
         criterion=criterion,
+        tune_thresholds=tune_thresholds,
         **options,
     )
 
@@ -70,10 +75,8 @@ def train(cfg: DictConfig) -> dict[str, float]:
     output_dir = Path(cfg.paths.output_dir)
     datamodule = build_datamodule(cfg.data)
     datamodule.setup("fit")
-    model = build_model(cfg.model, cfg.loss, datamodule)
-    trainer: pl.Trainer = instantiate(
-        cfg.trainer, callbacks=_instantiate_group(cfg.get("callbacks")), logger=_instantiate_group(cfg.get("logger"))
-    )
+    model = build_model(cfg.model, cfg.loss, datamodule, cfg.get("tune_thresholds"))
+    trainer = build_trainer(cfg)
     trainer.fit(model, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
     if cfg.get("test"):
@@ -81,9 +84,24 @@ def train(cfg: DictConfig) -> dict[str, float]:
         results = trainer.test(model, datamodule=datamodule, ckpt_path=best or None, verbose=False)
         metrics.update({k: float(v) for k, v in results[0].items()})
         metrics["best_checkpoint"] = best
+        if trainer.is_global_zero and cfg.report.enabled:
+            details = [f"checkpoint: `{best or 'final weights (no checkpoint)'}`", f"data: `{cfg.data.root}`"]
+            metrics.update(report_on_split(model, datamodule, "test", output_dir, cfg.report, trainer.loggers, details))
     if trainer.is_global_zero:
         _write_records(output_dir, metrics, cfg, datamodule)
     return metrics
+
+
+def build_trainer(cfg: DictConfig) -> pl.Trainer:
+    """The trainer with the configured callbacks and loggers, and a progress display that
+    suits the output (rich bar on a terminal, log lines otherwise)."""
+    progress, show_bar = progress_callbacks(cfg.trainer.get("enable_progress_bar", True))
+    return instantiate(
+        cfg.trainer,
+        callbacks=_instantiate_group(cfg.get("callbacks")) + progress,
+        logger=_instantiate_group(cfg.get("logger")),
+        enable_progress_bar=show_bar,
+    )
 
 
 def _write_records(output_dir: Path, metrics: dict[str, Any], cfg: DictConfig, dm: TileDataModule) -> None:

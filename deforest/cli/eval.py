@@ -1,0 +1,93 @@
+"""``deforest-eval``: evaluate a checkpoint on a dataset split and write the run report.
+
+The checkpoint decides the bands, normalisation, class names, task, TTA and thresholds;
+the data config only says where the tiles are and how they are split.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import hydra
+import numpy as np
+from omegaconf import DictConfig, OmegaConf
+from torch.utils.data import DataLoader
+
+from deforest.cli.train import CONFIG_PATH, build_datamodule, build_trainer
+from deforest.datamodule import TileDataModule, TileDataset
+from deforest.datasets import MULTICLASS, SPLITS, DatasetError
+from deforest.module import TileClassifier
+from deforest.report import report_on_split
+
+log = logging.getLogger(__name__)
+
+
+def evaluate(cfg: DictConfig) -> dict[str, Any]:
+    """Test ``cfg.ckpt_path`` on ``cfg.split`` of ``cfg.data``; write ``metrics.json`` and the report."""
+    if cfg.split not in SPLITS:
+        raise ValueError(f"split must be one of {SPLITS}, not {cfg.split!r}")
+    ckpt = Path(cfg.ckpt_path).expanduser()
+    if not ckpt.is_file():
+        raise FileNotFoundError(f"ckpt_path {ckpt} does not exist")
+    model = TileClassifier.load_from_checkpoint(ckpt, map_location="cpu")
+    datamodule = build_datamodule(OmegaConf.merge(cfg.data, {"bands": list(model.hparams.bands)}))
+    datamodule.setup("test")
+    dataset = align_classes(datamodule, cfg.split, model)
+    if tuple(datamodule.tile_size) != tuple(model.hparams.tile_size or datamodule.tile_size):
+        log.warning("tiles are %s pixels, the model was trained on %s", datamodule.tile_size, model.hparams.tile_size)
+    trainer = build_trainer(cfg)
+    loader = DataLoader(dataset, batch_size=datamodule.batch_size, num_workers=datamodule.num_workers)
+    results = trainer.test(model, dataloaders=loader, verbose=False)
+    output_dir = Path(cfg.paths.output_dir)
+    metrics: dict[str, Any] = {"checkpoint": str(ckpt), "data_root": str(cfg.data.root), "split": cfg.split}
+    metrics[f"{cfg.split}/loss"] = float(results[0]["test/loss"])
+    if trainer.is_global_zero:
+        details = [f"checkpoint: `{ckpt}`", f"data: `{cfg.data.root}`"]
+        csv_log = ckpt.resolve().parent.parent / "csv" / "metrics.csv"  # the training run's, when beside it
+        metrics.update(report_on_split(model, datamodule, cfg.split, output_dir, cfg.report, trainer.loggers,
+                                       details, csv_log if csv_log.is_file() else None))
+        (output_dir / "metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True))
+    return metrics
+
+
+def align_classes(datamodule: TileDataModule, split: str, model: TileClassifier) -> TileDataset:
+    """The split's dataset with targets in the checkpoint's class order.
+
+    A multi-class tile of a class the model does not know cannot be scored: an error.
+    Multi-label tags the model does not know are dropped with a warning.
+    """
+    if datamodule.task != model.task:
+        raise DatasetError(f"{datamodule.layout.root}: the data is {datamodule.task}, the checkpoint {model.task}")
+    dataset = datamodule.datasets[split]
+    if len(dataset) == 0:
+        raise DatasetError(f"{datamodule.layout.root}: the {split} split is empty")
+    known = {name: i for i, name in enumerate(model.class_names)}
+    unknown = [n for n in datamodule.class_names if n not in known]
+    targets = np.asarray(dataset.targets)
+    if model.task == MULTICLASS:
+        present = {datamodule.class_names[t] for t in targets.tolist()}
+        if present & set(unknown):
+            raise DatasetError(f"{datamodule.layout.root}: class(es) {sorted(present & set(unknown))} "
+                               f"are not among the checkpoint's classes {model.class_names}")
+        aligned = np.asarray([known[datamodule.class_names[t]] for t in targets.tolist()], np.int64)
+    else:
+        if unknown:
+            log.warning("labels %s are not among the checkpoint's classes and are ignored", unknown)
+        aligned = np.zeros((len(targets), len(known)), np.uint8)
+        for column, name in enumerate(datamodule.class_names):
+            if name in known:
+                aligned[:, known[name]] = targets[:, column]
+    datamodule.datasets[split] = TileDataset(dataset.layout, dataset.sources, aligned, dataset.bands)
+    return datamodule.datasets[split]
+
+
+@hydra.main(version_base="1.3", config_path=CONFIG_PATH, config_name="eval")
+def main(cfg: DictConfig) -> None:
+    evaluate(cfg)
+
+
+if __name__ == "__main__":
+    main()
