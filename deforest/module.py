@@ -7,6 +7,7 @@ everything a prediction needs: bands, statistics, class names, task and threshol
 from __future__ import annotations
 
 import inspect
+import logging
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -20,6 +21,8 @@ from deforest.losses import Criterion, DynamicWeightedLoss
 from deforest.metrics import TUNING_BETAS, build_metrics, metric_inputs, tune_thresholds
 from deforest.models import build_backbone
 from deforest.transforms import BandNormalizer, d4_views, random_d4
+
+log = logging.getLogger(__name__)
 
 OptimizerFactory = Callable[..., torch.optim.Optimizer]
 SchedulerFactory = Callable[..., Any]
@@ -136,10 +139,19 @@ class TileClassifier(pl.LightningModule):
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor | None:
         if batch["target"].shape[0] == 0:  # every tile of the batch was a skipped bad tile
             return None
+        # batch-norm statistics see a NaN batch in the forward pass: keep them to restore on skip
+        saved = [b.clone() for b in self.net.buffers()] if self.nonfinite_loss == "skip" else None
         logits = self(batch["image"])
         loss = self.criterion(logits, batch["target"])
         if not torch.isfinite(loss):  # one host sync per step, outside the loss path
-            if self.nonfinite_loss == "skip":
+            if saved is not None:
+                with torch.no_grad():
+                    for buffer, value in zip(self.net.buffers(), saved):
+                        buffer.copy_(value)
+                log.warning(
+                    "skipping non-finite training loss at global step %d, batch %d; files: %s",
+                    self.global_step, batch_idx, self._batch_files(batch),
+                )
                 self.log("train/skipped_batches", 1.0, on_step=False, on_epoch=True, reduce_fx="sum")
                 return None
             raise FloatingPointError(

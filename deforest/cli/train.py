@@ -12,6 +12,8 @@ import lightning.pytorch as pl
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
+from deforest.cli.errors import exit_on_user_error
+from deforest.config_checks import TRAIN_RULES, check_ranges
 from deforest.datamodule import TileDataModule
 from deforest.hydra_ddp import ddp_children_join_this_job
 from deforest.module import TileClassifier
@@ -70,6 +72,7 @@ def _instantiate_group(group: DictConfig | None) -> list[Any]:
 
 def train(cfg: DictConfig) -> dict[str, float]:
     """Fit, test the best checkpoint and write the run's records; returns the metrics."""
+    check_ranges(cfg, TRAIN_RULES)
     if cfg.get("seed") is not None:
         pl.seed_everything(cfg.seed, workers=True)
     output_dir = Path(cfg.paths.output_dir)
@@ -116,6 +119,7 @@ def _write_records(output_dir: Path, metrics: dict[str, Any], cfg: DictConfig, d
         f"- splits: " + ", ".join(f"{s} {len(d)}" for s, d in dm.datasets.items()),
         f"- model: {cfg.model.backbone}, loss scheme {cfg.loss.scheme} ({cfg.loss.normalize})",
         f"- best checkpoint: `{metrics.get('best_checkpoint', '')}`",
+        f"- bad tiles skipped: {len(dm.bad_tiles)}" + (" (listed in `bad_tiles.json`)" if dm.bad_tiles else ""),
         "",
         "| metric | value |",
         "|---|---|",
@@ -123,12 +127,14 @@ def _write_records(output_dir: Path, metrics: dict[str, Any], cfg: DictConfig, d
         "",
     ]
     (output_dir / "summary.md").write_text("\n".join(lines))
+    if dm.bad_tiles:
+        (output_dir / "bad_tiles.json").write_text(json.dumps(dm.bad_tiles.problems, indent=2))
     log.info("metrics: %s", {k: round(metrics[k], 4) for k in headline})
 
 
 @hydra.main(version_base="1.3", config_path=CONFIG_PATH, config_name="train")
 def main(cfg: DictConfig) -> float | None:
-    with ddp_children_join_this_job():
+    with exit_on_user_error(), ddp_children_join_this_job():
         metrics = train(cfg)
     objective = cfg.get("optimized_metric")
     return metrics.get(objective) if objective else None
