@@ -36,12 +36,13 @@ class LineProgress(Callback):
         if now - self._last >= self.interval_s:
             self._last = now
             total = trainer.num_training_batches
-            log.info("epoch %d: batch %d/%s (%.0f s)", trainer.current_epoch, batch_idx + 1, total, now - self._started)
+            log.info("epoch %d/%s: batch %d/%s after %.0f s", trainer.current_epoch + 1, trainer.max_epochs,
+                     batch_idx + 1, total, now - self._started)
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         shown = trainer.progress_bar_metrics  # what a bar would show
         text = " ".join(f"{k}={float(v):.4f}" for k, v in sorted(shown.items()) if not k.endswith("_step"))
-        log.info("epoch %d/%s (%.1f s) %s", trainer.current_epoch + 1, trainer.max_epochs,
+        log.info("epoch %d/%s done in %.1f s: %s", trainer.current_epoch + 1, trainer.max_epochs,
                  time.monotonic() - self._started, text)
 
     def on_test_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

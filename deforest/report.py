@@ -7,6 +7,7 @@ predictions written beside it, so the page can be checked against them.
 
 from __future__ import annotations
 
+import base64
 import csv
 import logging
 import textwrap
@@ -16,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import markdown
 import matplotlib.image
 import numpy as np
 import torch
@@ -46,6 +48,13 @@ HEADLINE = {
     MULTICLASS: ("accuracy", "balanced_accuracy", "kappa", "f1_macro", "f1_weighted"),
     "multilabel": ("f1_micro", "f1_macro", "f2", "map", "hamming_loss"),
 }
+
+
+HTML_STYLE = (
+    "<style>body{font-family:sans-serif;max-width:1400px;margin:2em auto;padding:0 1em}"
+    "table{border-collapse:collapse;font-size:90%}td,th{border:1px solid #ccc;padding:2px 6px;text-align:right}"
+    "td:first-child{text-align:left}img{max-width:100%}</style>"
+)
 
 
 @dataclass
@@ -83,10 +92,19 @@ def rgb_bands(configured: Sequence[int | str] | None, band_names: Sequence[str] 
     return [1, 2, 3] if count >= 3 else [1]
 
 
+def _html(text: str, figures: Mapping[str, Path]) -> str:
+    """``report.md`` as one self-contained page (figures inlined), to mail or attach."""
+    body = markdown.markdown(text, extensions=["tables"])
+    for path in figures.values():
+        encoded = base64.b64encode(path.read_bytes()).decode()
+        body = body.replace(f'src="{path.name}"', f'src="data:image/png;base64,{encoded}"')
+    return f"<!doctype html><html><head><meta charset=\"utf-8\"><title>deforest report</title>{HTML_STYLE}</head><body>{body}</body></html>\n"
+
+
 def write_report(
     output_dir: str | Path, run: Evaluation, examples: int = 18, seed: int = 0
 ) -> tuple[dict[str, Any], dict[str, Path]]:
-    """Write ``report.md``, its PNGs and ``predictions.csv``; return the metrics for
+    """Write ``report.md`` (and ``report.html``), its PNGs and ``predictions.csv``; return the metrics for
     ``metrics.json`` and the figures by name.
 
     Multi-label metrics are given at the model's (tuned) thresholds under ``<split>/`` and at
@@ -113,7 +131,9 @@ def write_report(
         figures["training_curves"] = plot_training_curves(curves, out / "training_curves.png")
     figures["examples"] = _examples_figure(run, examples, seed, out / "examples.png")
     _write_predictions(run, out / "predictions.csv")
-    (out / "report.md").write_text(_markdown(run, tuned, at_half, figures))
+    text = _markdown(run, tuned, at_half, figures)
+    (out / "report.md").write_text(text)
+    (out / "report.html").write_text(_html(text, figures))
     log.info("report written to %s", out / "report.md")
     return record, figures
 

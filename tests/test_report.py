@@ -1,0 +1,206 @@
+"""The run report and deforest-eval, on short real trainings (EuroSAT sample, BigEarthNet)."""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import re
+from pathlib import Path
+
+import matplotlib.image
+import numpy as np
+import pytest
+import torch
+from hydra import compose, initialize_config_module
+from lightning.pytorch.callbacks import RichProgressBar
+from torchmetrics.classification import (
+    MulticlassAccuracy,
+    MulticlassCohenKappa,
+    MulticlassConfusionMatrix,
+    MulticlassF1Score,
+    MulticlassPrecision,
+    MultilabelAveragePrecision,
+    MultilabelF1Score,
+    MultilabelHammingDistance,
+)
+
+from conftest import REPO, compose_train_config
+from deforest.cli.eval import evaluate
+from deforest.cli.train import build_datamodule, train
+from deforest.metrics import tune_thresholds
+from deforest.module import TileClassifier
+from deforest.progress import LineProgress, progress_callbacks
+
+PNGS = ("confusion_matrix", "pr_curves", "class_distribution", "training_curves", "examples")
+
+
+class _Lines(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__(logging.INFO)
+        self.lines: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.lines.append(record.getMessage())
+
+
+def _train(run_dir: Path, overrides: list[str]) -> tuple[dict, list[str]]:
+    """Train with the plain progress lines on (pytest's stdout is no terminal); return metrics and lines."""
+    lines = _Lines()
+    logger = logging.getLogger("deforest.progress")
+    logger.addHandler(lines)
+    logger.setLevel(logging.INFO)
+    try:
+        metrics = train(compose_train_config(run_dir, ["trainer.enable_progress_bar=true", *overrides]))
+    finally:
+        logger.removeHandler(lines)
+    return metrics, lines.lines
+
+
+@pytest.fixture(scope="module")
+def eurosat_run(tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("eurosat_run")
+    metrics, lines = _train(run_dir, ["trainer.max_epochs=2", "+trainer.limit_train_batches=3", "logger=many"])
+    return run_dir, metrics, lines
+
+
+@pytest.fixture(scope="module")
+def bigearthnet_run(tmp_path_factory):
+    from conftest import SHARED_DATA
+
+    root = SHARED_DATA / "bigearthnet-s2"
+    if not root.exists():
+        pytest.skip(f"real test data {root} not present")
+    run_dir = tmp_path_factory.mktemp("bigearthnet_run")
+    metrics, _ = _train(run_dir, ["data=bigearthnet", f"data.root={root}", "trainer.max_epochs=2", "tune_thresholds=f1"])
+    return run_dir, metrics
+
+
+def _predictions(run_dir: Path, class_names: list[str]) -> tuple[torch.Tensor, list[dict]]:
+    with (run_dir / "predictions.csv").open(newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    probs = torch.tensor([[float(row[f"p:{c}"]) for c in class_names] for row in rows])
+    return probs, rows
+
+
+def _report_row(report: str, first_cell: str) -> list[str]:
+    match = re.search(rf"^\| {re.escape(first_cell)} \| (.*) \|$", report, re.MULTILINE)
+    assert match, f"no row {first_cell!r} in report.md"
+    return [cell.strip() for cell in match.group(1).split("|")]
+
+
+def test_report_numbers_equal_torchmetrics_on_the_predictions(eurosat_run):
+    run_dir, metrics, _ = eurosat_run
+    model = TileClassifier.load_from_checkpoint(metrics["best_checkpoint"], map_location="cpu")
+    names = model.class_names
+    probs, rows = _predictions(run_dir, names)
+    target = torch.tensor([names.index(row["true"]) for row in rows])
+    assert len(rows) == 54 and all(row["predicted"] == names[int(p.argmax())] for row, p in zip(rows, probs))
+    direct = {
+        "accuracy": MulticlassAccuracy(10, average="micro")(probs, target),
+        "balanced_accuracy": MulticlassAccuracy(10, average="macro")(probs, target),
+        "kappa": MulticlassCohenKappa(10)(probs, target),
+        "f1_macro": MulticlassF1Score(10, average="macro")(probs, target),
+        "f1_weighted": MulticlassF1Score(10, average="weighted")(probs, target),
+    }
+    written = json.loads((run_dir / "metrics.json").read_text())
+    report = (run_dir / "report.md").read_text()
+    for name, value in direct.items():
+        assert written[f"test/{name}"] == pytest.approx(float(value), abs=1e-6), name
+        assert _report_row(report, name) == [f"{float(value):.4f}"]
+    precision = MulticlassPrecision(10, average="none")(probs, target)
+    for i, name in enumerate(names):
+        assert written[f"test/precision/{name}"] == pytest.approx(float(precision[i]), abs=1e-6)
+        assert _report_row(report, name)[1] == f"{float(precision[i]):.4f}"
+    matrix = MulticlassConfusionMatrix(10)(probs, target)
+    assert written["test/confusion_matrix"] == matrix.tolist()
+    # Lightning's logged test metrics (the same torchmetrics, batch by batch) agree
+    assert metrics["test/accuracy"] == pytest.approx(float(direct["accuracy"]), abs=1e-6)
+
+
+def test_every_png_opens_with_a_sane_size_and_tensorboard_has_them(eurosat_run):
+    run_dir, _, _ = eurosat_run
+    report = (run_dir / "report.md").read_text()
+    for name in PNGS:
+        image = matplotlib.image.imread(run_dir / f"{name}.png")
+        height, width = image.shape[:2]
+        assert 300 <= width <= 4000 and 250 <= height <= 4000, (name, image.shape)
+        assert image[..., :3].std() > 0.01, f"{name}.png is blank"
+        assert f"]({name}.png)" in report
+    page = (run_dir / "report.html").read_text()
+    assert page.count('src="data:image/png;base64,') == len(PNGS) and "<table>" in page
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(run_dir / "tensorboard")).Reload()
+    assert {f"report/{name}" for name in PNGS} <= set(events.Tags()["images"])
+
+
+def test_progress_is_plain_lines_without_a_terminal(eurosat_run):
+    _, _, lines = eurosat_run
+    epochs = [line for line in lines if line.startswith("epoch ") and " done in " in line]
+    assert [line.split()[1] for line in epochs] == ["1/2", "2/2"] and "val/loss=" in epochs[-1]
+    assert any(line.startswith("test done") for line in lines)
+    bar, shown = progress_callbacks(True, interactive=True)
+    assert isinstance(bar[0], RichProgressBar) and shown
+    plain, shown = progress_callbacks(True, interactive=False)
+    assert isinstance(plain[0], LineProgress) and not shown
+    assert progress_callbacks(False) == ([], False)
+
+
+def test_deforest_eval_reproduces_the_training_test_metrics(eurosat_run, tmp_path):
+    run_dir, metrics, _ = eurosat_run
+    with initialize_config_module(config_module="deforest.conf", version_base="1.3"):
+        cfg = compose("eval", overrides=[
+            f"paths.root_dir={REPO}", f"paths.output_dir={tmp_path}", f"paths.cache_dir={run_dir / 'cache'}",
+            f"ckpt_path={metrics['best_checkpoint']}", "split=test", "trainer.enable_progress_bar=false",
+        ])
+    evaluated = evaluate(cfg)
+    written = json.loads((tmp_path / "metrics.json").read_text())
+    for key in ("test/accuracy", "test/f1_macro", "test/kappa", "test/recall/Forest", "test/loss"):
+        assert written[key] == pytest.approx(metrics[key], abs=1e-6), key
+    assert evaluated["test/confusion_matrix"] == metrics["test/confusion_matrix"]
+    assert (tmp_path / "report.md").is_file() and (tmp_path / "training_curves.png").is_file()
+
+
+def test_tuned_thresholds_are_in_the_checkpoint_and_beat_half_on_validation(bigearthnet_run):
+    run_dir, metrics = bigearthnet_run
+    model = TileClassifier.load_from_checkpoint(metrics["best_checkpoint"], map_location="cpu").eval()
+    datamodule = build_datamodule(_bigearthnet_data(run_dir))
+    datamodule.setup("fit")
+    val = datamodule.datasets["val"]
+    with torch.no_grad():
+        probs = model.predict_proba(torch.stack([torch.from_numpy(val.read(i)) for i in range(len(val))]))
+    target = torch.as_tensor(val.targets).long()
+    c = len(model.class_names)
+    assert not torch.allclose(model.thresholds, torch.full((c,), 0.5))
+    assert torch.allclose(tune_thresholds(probs, target, "f1"), model.thresholds, atol=1e-5)
+    f1 = MultilabelF1Score(c, average="none")
+    tuned, half = f1((probs >= model.thresholds).float(), target), f1(probs, target)
+    assert (tuned >= half - 1e-6).all() and tuned.mean() >= half.mean()
+
+
+def _bigearthnet_data(run_dir: Path):
+    from conftest import SHARED_DATA
+
+    return compose_train_config(run_dir, ["data=bigearthnet", f"data.root={SHARED_DATA / 'bigearthnet-s2'}"]).data
+
+
+def test_multilabel_report_shows_tuned_and_half_thresholds(bigearthnet_run):
+    run_dir, metrics = bigearthnet_run
+    model = TileClassifier.load_from_checkpoint(metrics["best_checkpoint"], map_location="cpu")
+    names, c = model.class_names, len(model.class_names)
+    probs, rows = _predictions(run_dir, names)
+    target = torch.tensor([[int(n in row["true"].split("; ")) for n in names] for row in rows])
+    written = json.loads((run_dir / "metrics.json").read_text())
+    report = (run_dir / "report.md").read_text()
+    decided = (probs >= model.thresholds).float()
+    for name, metric in (("f1_macro", MultilabelF1Score(c, average="macro")),
+                         ("f1_micro", MultilabelF1Score(c, average="micro")),
+                         ("hamming_loss", MultilabelHammingDistance(c))):
+        tuned, half = float(metric(decided, target)), float(metric(probs, target))
+        assert written[f"test/{name}"] == pytest.approx(tuned, abs=1e-6)
+        assert written[f"test@0.5/{name}"] == pytest.approx(half, abs=1e-6)
+        assert _report_row(report, name) == [f"{tuned:.4f}", f"{half:.4f}"]
+    assert written["test/map"] == pytest.approx(float(MultilabelAveragePrecision(c)(probs, target)), abs=1e-6)
+    assert [written[f"thresholds/{n}"] for n in names] == pytest.approx(model.thresholds.tolist())
+    assert np.isclose(metrics["test/f1_macro"], written["test/f1_macro"])
