@@ -217,7 +217,7 @@ def predict_scene(
         run = _full_resolution
     else:
         width, height = math.ceil(scene.width / stride), math.ceil(scene.height / stride)
-        writer = MapWriter(target, spec, scene, width, height, scene.transform * Affine.scale(stride), dtype, tags)
+        writer = MapWriter(target, spec, scene, width, height, scene.transform @ Affine.scale(stride), dtype, tags)
         run = _per_window
     try:
         counts = run(model, spec, scene, writer, tile, stride, batch_size, max_nodata)

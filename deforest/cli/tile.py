@@ -7,12 +7,14 @@ import logging
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from deforest.cli.train import CONFIG_PATH
 from deforest.labelling import RasterLabels, VectorLabels
 from deforest.scene import Scene
 from deforest.tiling import Labeller, TilingReport, tile_scene
 
 log = logging.getLogger(__name__)
+
+# not imported from deforest.cli.train: tiling needs no torch, and starts faster without it
+CONFIG_PATH = "pkg://deforest.conf"
 
 
 def build_labeller(cfg: DictConfig, scene: Scene) -> Labeller | None:
