@@ -28,6 +28,7 @@ from torchmetrics.classification import (
 from conftest import REPO, compose_train_config
 from deforest.cli.eval import evaluate
 from deforest.cli.train import build_datamodule, train
+from deforest.datasets import DatasetError
 from deforest.metrics import tune_thresholds
 from deforest.module import TileClassifier
 from deforest.progress import LineProgress, progress_callbacks
@@ -147,19 +148,45 @@ def test_progress_is_plain_lines_without_a_terminal(eurosat_run):
     assert progress_callbacks(False) == ([], False)
 
 
+def _eval_config(run_dir: Path, out: Path, ckpt: str, overrides: list[str] = ()):
+    with initialize_config_module(config_module="deforest.conf", version_base="1.3"):
+        return compose("eval", overrides=[
+            f"paths.root_dir={REPO}", f"paths.output_dir={out}", f"paths.cache_dir={run_dir / 'cache'}",
+            f"ckpt_path={ckpt}", "split=test", "trainer.enable_progress_bar=false", *overrides,
+        ])
+
+
 def test_deforest_eval_reproduces_the_training_test_metrics(eurosat_run, tmp_path):
     run_dir, metrics, _ = eurosat_run
-    with initialize_config_module(config_module="deforest.conf", version_base="1.3"):
-        cfg = compose("eval", overrides=[
-            f"paths.root_dir={REPO}", f"paths.output_dir={tmp_path}", f"paths.cache_dir={run_dir / 'cache'}",
-            f"ckpt_path={metrics['best_checkpoint']}", "split=test", "trainer.enable_progress_bar=false",
-        ])
-    evaluated = evaluate(cfg)
+    evaluated = evaluate(_eval_config(run_dir, tmp_path, metrics["best_checkpoint"]))
     written = json.loads((tmp_path / "metrics.json").read_text())
     for key in ("test/accuracy", "test/f1_macro", "test/kappa", "test/recall/Forest", "test/loss"):
         assert written[key] == pytest.approx(metrics[key], abs=1e-6), key
     assert evaluated["test/confusion_matrix"] == metrics["test/confusion_matrix"]
     assert (tmp_path / "report.md").is_file() and (tmp_path / "training_curves.png").is_file()
+
+
+def test_deforest_eval_names_classes_the_checkpoint_does_not_know(eurosat_run, eurosat_root, tmp_path):
+    run_dir, metrics, _ = eurosat_run
+    tiles = {name: sorted((eurosat_root / "train" / name).glob("*.tif"))[:6] for name in ("Forest", "SeaLake")}
+    rows = ["path,labels,split"]
+    for name, label in (("Forest", "Forest"), ("SeaLake", "Glacier")):  # SeaLake tiles posing as an unknown class
+        rows += [f"{t},{label},{split}" for t, split in zip(tiles[name], ["train"] * 3 + ["val", "test", "test"])]
+    (tmp_path / "labels.csv").write_text("\n".join(rows) + "\n")
+    cfg = _eval_config(run_dir, tmp_path / "out", metrics["best_checkpoint"], ["data=manifest", f"data.root={tmp_path}"])
+    with pytest.raises(DatasetError, match=r"\['Glacier'\] are not among the checkpoint's classes"):
+        evaluate(cfg)
+
+
+def test_deforest_eval_uses_the_checkpoint_thresholds(bigearthnet_run, tmp_path):
+    from conftest import SHARED_DATA
+
+    run_dir, metrics = bigearthnet_run
+    root = SHARED_DATA / "bigearthnet-s2"
+    evaluate(_eval_config(run_dir, tmp_path, metrics["best_checkpoint"], ["data=bigearthnet", f"data.root={root}"]))
+    written = json.loads((tmp_path / "metrics.json").read_text())
+    for key in ("test/f1_macro", "test/f1_micro", "test/f2", "test/map", "test@0.5/f1_macro"):
+        assert written[key] == pytest.approx(metrics[key], abs=1e-6), key
 
 
 def test_tuned_thresholds_are_in_the_checkpoint_and_beat_half_on_validation(bigearthnet_run):
