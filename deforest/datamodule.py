@@ -14,6 +14,7 @@ from pathlib import Path
 
 import albumentations as A
 import lightning.pytorch as pl
+from lightning.fabric.utilities.seed import pl_worker_init_function
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
@@ -22,7 +23,7 @@ from deforest.datasets import MULTICLASS, SPLITS, DatasetError, TileIndex, TileL
 from deforest.io import RasterHeader, TileError, file_fingerprint, read_header, resolve_bands
 from deforest.pack import PackedLayout
 from deforest.splits import assign_splits, spatial_blocks
-from deforest.transforms import build_augmentation
+from deforest.transforms import build_augmentation, random_d4
 from deforest.validation import (
     BadTiles,
     check_header,
@@ -113,6 +114,8 @@ class TileDataModule(pl.LightningDataModule):
             and counted in :attr:`bad_tiles` (see :mod:`deforest.validation`).
         packed: a pack of ``layout`` written by ``deforest-pack``: tiles are read from it
             (same samples, splits and augmentation); a stale pack is an error.
+        device_flips: random flips/rotations of each training batch after it reached the
+            device (GPU), instead of augmenting in the DataLoader workers (then ``augment=[]``).
     """
 
     def __init__(
@@ -136,6 +139,7 @@ class TileDataModule(pl.LightningDataModule):
         validate: str = "quick",
         on_bad_tile: str = "error",
         packed: str | None = None,
+        device_flips: bool = False,
     ) -> None:
         super().__init__()
         if batch_size < 1:
@@ -165,6 +169,7 @@ class TileDataModule(pl.LightningDataModule):
         self.stats_max_samples = stats_max_samples
         self.imbalance = dict(imbalance) if imbalance else None
         self.validate = validate
+        self.device_flips = device_flips
         self.index: TileIndex | None = None
         self.assignment: list[str] = []
         self.datasets: dict[str, TileDataset] = {}
@@ -215,6 +220,10 @@ class TileDataModule(pl.LightningDataModule):
         # nodata pixels get the raw value that normalises to 0 (see deforest.validation)
         fill = (np.expm1(self.band_mean) if self.log_scale else np.asarray(self.band_mean)).tolist()
         augment = build_augmentation(self.augment_transforms, self.num_bands, self.tile_size)
+        if augment is not None:
+            augment.set_random_seed(self.seed)  # albumentations ignores the global seed
+        if self.device_flips and self.tile_size[0] != self.tile_size[1]:
+            raise ValueError(f"data.device_flips needs square tiles, these are {self.tile_size[0]}x{self.tile_size[1]}")
         for split in SPLITS:
             rows = [i for i, a in enumerate(assignment) if a == split]
             self.datasets[split] = TileDataset(
@@ -410,7 +419,13 @@ class TileDataModule(pl.LightningDataModule):
             pin_memory=self.pin_memory,
             persistent_workers=self.persistent_workers,
             collate_fn=collate_tiles,
+            worker_init_fn=_seed_worker,
         )
+
+    def on_after_batch_transfer(self, batch: dict, dataloader_idx: int) -> dict:
+        if self.device_flips and self.trainer is not None and self.trainer.training:
+            batch = {**batch, "image": random_d4(batch["image"])}
+        return batch
 
     def train_dataloader(self) -> DataLoader:
         return self._loader("train", shuffle=True)
@@ -420,6 +435,14 @@ class TileDataModule(pl.LightningDataModule):
 
     def test_dataloader(self) -> DataLoader:
         return self._loader("test", shuffle=False)
+
+
+def _seed_worker(worker_id: int) -> None:
+    """Lightning's worker seeding, plus a per-worker augmentation seed drawn from the run's seed."""
+    pl_worker_init_function(worker_id)
+    info = torch.utils.data.get_worker_info()
+    if info.dataset.augment is not None:
+        info.dataset.augment.set_random_seed(info.seed % 2**32)
 
 
 def _subset(index: TileIndex, keep: np.ndarray) -> TileIndex:

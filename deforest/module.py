@@ -20,7 +20,7 @@ from deforest.datasets import MULTICLASS, MULTILABEL
 from deforest.losses import Criterion, DynamicWeightedLoss
 from deforest.metrics import TUNING_BETAS, build_metrics, metric_inputs, tune_thresholds
 from deforest.models import build_backbone
-from deforest.transforms import BandNormalizer, d4_views, random_d4
+from deforest.transforms import BandNormalizer, d4_views
 
 log = logging.getLogger(__name__)
 
@@ -52,8 +52,6 @@ class TileClassifier(pl.LightningModule):
         criterion: optional custom loss receiving the batch weights.
         channels_last: run the network in NHWC memory layout (faster convolutions on GPUs).
         compile: ``torch.compile`` the network: ``True`` or a dict of its keyword arguments.
-        device_flips: random flips/rotations of training batches on the device, replacing
-            CPU augmentation in the DataLoader workers (set ``data.augment=[]``).
     """
 
     def __init__(
@@ -81,7 +79,6 @@ class TileClassifier(pl.LightningModule):
         tune_thresholds: str | None = None,
         channels_last: bool = False,
         compile: bool | Mapping[str, Any] = False,
-        device_flips: bool = False,
     ) -> None:
         super().__init__()
         if task not in (MULTICLASS, MULTILABEL):
@@ -106,7 +103,6 @@ class TileClassifier(pl.LightningModule):
         self.tune_thresholds = tune_thresholds if task == MULTILABEL else None
         self.channels_last = channels_last
         self.compile_options = ({} if compile is True else dict(compile)) if compile else None
-        self.device_flips = device_flips
         self.register_buffer(
             "thresholds",
             torch.as_tensor(thresholds if thresholds is not None else [0.5] * num_classes, dtype=torch.float32),
@@ -242,11 +238,6 @@ class TileClassifier(pl.LightningModule):
             self.net.to(memory_format=torch.channels_last)
         if self.compile_options is not None and not getattr(self.net, "_compiled_call_impl", None):
             self.net.compile(**self.compile_options)  # in place: state_dict keys stay the same
-
-    def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
-        if self.device_flips and self.trainer.training and isinstance(batch, dict):
-            batch = {**batch, "image": random_d4(batch["image"])}
-        return batch
 
     # ---- fit hooks ----------------------------------------------------------------------
     def on_train_start(self) -> None:

@@ -1,4 +1,4 @@
-"""GPU speed switches (model.channels_last, model.compile, model.device_flips) behave on a CPU too."""
+"""GPU speed switches (model.channels_last, model.compile, data.device_flips) behave on a CPU too."""
 
 from __future__ import annotations
 
@@ -6,6 +6,8 @@ import lightning.pytorch as pl
 import pytest
 import torch
 
+from deforest.datamodule import TileDataModule
+from deforest.datasets import FolderLayout
 from deforest.module import TileClassifier
 from deforest.transforms import d4_views, random_d4
 
@@ -29,16 +31,16 @@ def test_random_d4_gives_each_tile_one_of_the_eight_views():
         random_d4(torch.zeros(1, 2, 4, 6))
 
 
-def test_device_flips_apply_to_training_batches_only():
-    model = _model(device_flips=True)
-    model.trainer = pl.Trainer(accelerator="cpu", logger=False, enable_checkpointing=False)
+def test_device_flips_apply_to_training_batches_only(eurosat_root):
+    datamodule = TileDataModule(FolderLayout(eurosat_root / "train"), device_flips=True)
+    datamodule.trainer = pl.Trainer(accelerator="cpu", logger=False, enable_checkpointing=False)
     tile = torch.arange(4 * 6 * 6, dtype=torch.float32).view(4, 6, 6)
     batch = {"image": tile.expand(32, -1, -1, -1).clone(), "target": torch.zeros(32, dtype=torch.long)}
-    model.trainer.training = True
-    flipped = model.on_after_batch_transfer(batch, 0)["image"]
+    datamodule.trainer.training = True
+    flipped = datamodule.on_after_batch_transfer(batch, 0)["image"]
     assert len({_which_view(o, tile) for o in flipped}) > 1
-    model.trainer.validating = True
-    assert torch.equal(model.on_after_batch_transfer(batch, 0)["image"], batch["image"])
+    datamodule.trainer.validating = True
+    assert torch.equal(datamodule.on_after_batch_transfer(batch, 0)["image"], batch["image"])
 
 
 def test_channels_last_and_compile_keep_outputs_and_checkpoint_keys():
