@@ -67,7 +67,28 @@ def tags_from_shares(shares: Mapping[str, float], mode: str, min_fraction: float
     return sorted(name for name, share in present.items() if share >= min_fraction)
 
 
-class VectorLabels:
+class _ShareLabeller:
+    """What every labeller shares: its file, the ``mode`` rule and the class-name mapping."""
+
+    def __init__(self, path: str | os.PathLike, mode: str, min_fraction: float, class_names: Mapping | None) -> None:
+        if mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, not {mode!r}")
+        self.path = Path(path)
+        self.mode, self.min_fraction = mode, min_fraction
+        self.mapping = normalise_mapping(class_names)
+
+    def class_name(self, value: object) -> str:
+        """``value`` as a tag; a value the mapping lacks is an error naming the file."""
+        try:
+            return class_name(value, self.mapping)
+        except ValueError as err:
+            raise TileError(self.path, str(err)) from None
+
+    def tags(self, shares: Mapping[str, float]) -> list[str]:
+        return tags_from_shares(shares, self.mode, self.min_fraction)
+
+
+class VectorLabels(_ShareLabeller):
     """Points or polygons with a class attribute, in the scene's CRS.
 
     Features are reprojected when their CRS differs from the scene's; features with an
@@ -83,22 +104,15 @@ class VectorLabels:
         min_fraction: float = 0.5,
         class_names: Mapping | None = None,
     ) -> None:
-        if mode not in MODES:
-            raise ValueError(f"mode must be one of {MODES}, not {mode!r}")
-        self.path = Path(path)
-        self.mode, self.min_fraction = mode, min_fraction
+        super().__init__(path, mode, min_fraction, class_names)
         self.transform = scene.transform
-        mapping = normalise_mapping(class_names)
         meta, geometries, values = self._read(field)
         keep = np.asarray([v is not None and not (isinstance(v, float) and np.isnan(v)) for v in values], bool)
         keep &= geometries != None  # noqa: E711 (elementwise on an object array)
         if not keep.all():
             log.warning("%s: %d feature(s) without geometry or %s value skipped", self.path, (~keep).sum(), field)
         geoms = shapely.from_wkb(geometries[keep])
-        try:
-            self.classes = np.asarray([class_name(v, mapping) for v in values[keep]], dtype=object)
-        except ValueError as err:
-            raise TileError(self.path, str(err)) from None
+        self.classes = np.asarray([self.class_name(v) for v in values[keep]], dtype=object)
         self.geoms = self._to_scene_crs(geoms, meta.get("crs"), scene)
         kinds = set(shapely.get_type_id(self.geoms).tolist())
         if kinds <= {shapely.GeometryType.POINT, shapely.GeometryType.MULTIPOINT}:
@@ -156,10 +170,10 @@ class VectorLabels:
                 name: shapely.union_all(pieces[self.classes[hits] == name]).area / box.area
                 for name in set(self.classes[hits].tolist())
             }
-        return tags_from_shares(shares, self.mode, self.min_fraction)
+        return self.tags(shares)
 
 
-class RasterLabels:
+class RasterLabels(_ShareLabeller):
     """A class raster on the scene's grid (e.g. a forest-loss mask); its nodata is ignored."""
 
     def __init__(
@@ -170,11 +184,7 @@ class RasterLabels:
         min_fraction: float = 0.5,
         class_names: Mapping | None = None,
     ) -> None:
-        if mode not in MODES:
-            raise ValueError(f"mode must be one of {MODES}, not {mode!r}")
-        self.path = Path(path)
-        self.mode, self.min_fraction = mode, min_fraction
-        self.mapping = normalise_mapping(class_names)
+        super().__init__(path, mode, min_fraction, class_names)
         try:
             self.src = rasterio.open(self.path)
         except (RasterioError, OSError) as err:
@@ -196,12 +206,9 @@ class RasterLabels:
         values, counts = np.unique(data[valid], return_counts=True)
         shares: dict[str, float] = {}
         for value, count in zip(values.tolist(), counts.tolist()):
-            try:
-                name = class_name(value, self.mapping)
-            except ValueError as err:
-                raise TileError(self.path, str(err)) from None
+            name = self.class_name(value)
             shares[name] = shares.get(name, 0.0) + count / data.size
-        return tags_from_shares(shares, self.mode, self.min_fraction)
+        return self.tags(shares)
 
     def close(self) -> None:
         self.src.close()

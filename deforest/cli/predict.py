@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 
 import hydra
@@ -21,7 +22,7 @@ def predict(cfg: DictConfig) -> dict[str, object]:
     model, spec = load_classifier(cfg.ckpt_path, resolve_device(cfg.device))
     if cfg.get("tile_size") and cfg.tile_size != spec.tile_size:
         log.warning("tile_size=%d overrides the checkpoint's %d", cfg.tile_size, spec.tile_size)
-        spec = spec.__class__(**{**spec.__dict__, "tile_size": int(cfg.tile_size)})
+        spec = dataclasses.replace(spec, tile_size=int(cfg.tile_size))
     if cfg.get("tiles") is not None:
         count = predict_tiles(model, spec, cfg.tiles, cfg.out, cfg.batch_size)
         log.info("wrote predictions for %d tiles to %s", count, cfg.out)
