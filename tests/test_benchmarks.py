@@ -1,0 +1,35 @@
+"""benchmarks/run.py --quick runs from the repository and writes every named measure (no timing asserted)."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+NAMES = {
+    "loader_vs_torchgeo", "loader_vs_rasterio", "packed_vs_torchgeo", "packed_vs_memcpy",
+    "weighting_step_overhead", "predict_vs_forward", "predict_rss_8192_vs_2048",
+}
+
+
+@pytest.mark.slow
+def test_quick_benchmark_writes_every_measure(tmp_path):
+    out = tmp_path / "latest.json"
+    cmd = [sys.executable, "benchmarks/run.py", "--quick", "--out", str(out), "--work", str(tmp_path / "work")]
+    done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-4000:]
+    results = json.loads(out.read_text())
+    assert NAMES <= set(results)
+    for name in NAMES:
+        row = results[name]
+        assert row["value"] > 0 and row["baseline"] > 0, (name, row)
+        assert math.isclose(row["ratio"], row["value"] / row["baseline"]), (name, row)
+        assert row["goal"].split()[0] in (">=", "<=") and isinstance(row["met"], bool)
+    assert results["_run"]["default_epoch_seconds"] > 0
+    assert "| loader_vs_torchgeo |" in done.stdout
+    assert not list(tmp_path.glob("*.tmp"))  # written atomically
