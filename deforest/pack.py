@@ -103,17 +103,11 @@ def pack_dataset(
     shape = (len(index), *sample.shape)
     out.mkdir(parents=True, exist_ok=True)
     partial = out / (TILES + ".partial")
-    tiles = np.lib.format.open_memmap(partial, mode="w+", dtype=dtype, shape=shape)
-    for i, source in enumerate(index.sources):
-        image = sample if i == 0 else layout.read(source, None)
-        _check_tile(source, image, shape[1:])
-        tiles[i] = image
-        if not np.array_equal(tiles[i], image):
-            raise TileError(source, f"values do not fit the pack's {dtype} (the first tile's dtype)")
-        if progress is not None:
-            progress(i + 1, len(index))
-    tiles.flush()
-    del tiles
+    try:
+        _write_tiles(layout, index.sources, partial, dtype, shape, sample, progress)
+    except BaseException:
+        partial.unlink(missing_ok=True)  # no half-written pack left behind
+        raise
     (out / INDEX).unlink(missing_ok=True)  # a pack without its index is never read
     os.replace(partial, out / TILES)
     record = {
@@ -135,6 +129,27 @@ def pack_dataset(
     tmp.write_text(json.dumps(record, default=str))
     os.replace(tmp, out / INDEX)
     return PackResult(out, len(index), shape, dtype, written=True)
+
+
+def _write_tiles(
+    layout: TileLayout,
+    sources: list[str],
+    path: Path,
+    dtype: str,
+    shape: tuple[int, ...],
+    first: np.ndarray,
+    progress: Callable[[int, int], None] | None,
+) -> None:
+    tiles = np.lib.format.open_memmap(path, mode="w+", dtype=dtype, shape=shape)
+    for i, source in enumerate(sources):
+        image = first if i == 0 else layout.read(source, None)
+        _check_tile(source, image, shape[1:])
+        tiles[i] = image
+        if not np.array_equal(tiles[i], image):
+            raise TileError(source, f"values do not fit the pack's {dtype} (the first tile's dtype)")
+        if progress is not None:
+            progress(i + 1, len(sources))
+    tiles.flush()
 
 
 def _check_tile(source: str, image: np.ndarray, shape: tuple[int, ...]) -> None:
