@@ -39,7 +39,8 @@ def _grid(n: int, max_cols: int) -> tuple[int, int]:
 
 
 def _save(fig: plt.Figure, path: str | Path) -> Path:
-    fig.tight_layout()
+    if fig.get_layout_engine() is None:
+        fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
     return Path(path)
@@ -139,7 +140,9 @@ def plot_examples(pictures: list[np.ndarray], captions: list[str], wrong: list[b
     """A grid of quicklooks with captions; wrong predictions get a red frame and caption."""
     rows, cols = _grid(len(pictures), 6)
     caption_lines = max((c.count("\n") + 1 for c in captions), default=1)
-    fig, axes = plt.subplots(rows, cols, figsize=(2.4 * cols, (2.1 + 0.13 * caption_lines) * rows), dpi=100, squeeze=False)
+    fig, axes = plt.subplots(
+        rows, cols, figsize=(2.4 * cols, (2.2 + 0.13 * caption_lines) * rows), dpi=100, squeeze=False, layout="constrained"
+    )
     for ax in axes.flat:
         ax.set_xticks([])
         ax.set_yticks([])

@@ -27,7 +27,7 @@ from torchmetrics.classification import MulticlassPrecisionRecallCurve, Multilab
 from torchmetrics.functional.classification import multiclass_average_precision, multilabel_average_precision
 
 from deforest.datamodule import TileDataModule
-from deforest.datasets import MULTICLASS
+from deforest.datasets import MULTICLASS, MULTILABEL
 from deforest.io import TileError, read_header
 from deforest.metrics import compute_metrics, decide, flatten_metrics
 from deforest.module import TileClassifier
@@ -46,7 +46,7 @@ log = logging.getLogger(__name__)
 TRUE_COLOUR = ("B04", "B03", "B02")
 HEADLINE = {
     MULTICLASS: ("accuracy", "balanced_accuracy", "kappa", "f1_macro", "f1_weighted"),
-    "multilabel": ("f1_micro", "f1_macro", "f2", "map", "hamming_loss"),
+    MULTILABEL: ("f1_micro", "f1_macro", "f2", "map", "hamming_loss"),
 }
 
 
@@ -154,7 +154,10 @@ def report_on_split(
     training curves is the CSV logger's unless ``csv_log`` is given. Figures also go to
     TensorBoard loggers. Returns the metrics for ``metrics.json``.
     """
-    predictions = model.predictions["test"]
+    predictions = model.predictions.get("test")
+    if predictions is None or len(predictions["index"]) == 0:
+        log.warning("no predictions on the %s split: no report written", split)
+        return {}
     dataset, layout = datamodule.datasets[split], datamodule.layout
     count = read_header(layout.header_source(dataset.sources[0])).count
     bands = rgb_bands(options.get("rgb_bands"), layout.band_names, count)
@@ -247,8 +250,8 @@ def _examples_figure(run: Evaluation, count: int, seed: int, path: Path) -> Path
             pictures.append(quicklook(run.read_rgb(run.sources[row])))
         except TileError as err:
             raise TileError(run.sources[row], f"quicklook for the report failed: {err}") from None
-        mark = " [WRONG]" if wrong[row] else ""
-        captions.append(_wrap(f"true: {_names(run, row, target)}") + "\n" + _wrap(f"pred: {_names(run, row, predicted)}{mark}"))
+        mark = "[WRONG] " if wrong[row] else ""
+        captions.append(_wrap(f"{mark}true: {_names(run, row, target)}") + "\n" + _wrap(f"pred: {_names(run, row, predicted)}"))
     return plot_examples(pictures, captions, wrong[chosen].tolist(), path)
 
 
