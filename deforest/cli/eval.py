@@ -14,10 +14,9 @@ from typing import Any
 import hydra
 import numpy as np
 from omegaconf import DictConfig, OmegaConf
-from torch.utils.data import DataLoader
 
 from deforest.cli.train import CONFIG_PATH, build_datamodule, build_trainer
-from deforest.datamodule import TileDataModule, TileDataset
+from deforest.datamodule import TileDataModule
 from deforest.datasets import MULTICLASS, SPLITS, DatasetError
 from deforest.module import TileClassifier
 from deforest.report import report_on_split
@@ -35,11 +34,12 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     model = TileClassifier.load_from_checkpoint(ckpt, map_location="cpu")
     datamodule = build_datamodule(OmegaConf.merge(cfg.data, {"bands": list(model.hparams.bands)}))
     datamodule.setup("test")
-    dataset = align_classes(datamodule, cfg.split, model)
+    align_classes(datamodule, cfg.split, model)
     if tuple(datamodule.tile_size) != tuple(model.hparams.tile_size or datamodule.tile_size):
         log.warning("tiles are %s pixels, the model was trained on %s", datamodule.tile_size, model.hparams.tile_size)
     trainer = build_trainer(cfg)
-    loader = DataLoader(dataset, batch_size=datamodule.batch_size, num_workers=datamodule.num_workers)
+    # the datamodule's own loader settings (collation of skipped bad tiles included), unshuffled
+    loader = datamodule._loader(cfg.split, shuffle=False)
     results = trainer.test(model, dataloaders=loader, verbose=False)
     output_dir = Path(cfg.paths.output_dir)
     metrics: dict[str, Any] = {"checkpoint": str(ckpt), "data_root": str(cfg.data.root), "split": cfg.split}
@@ -53,8 +53,8 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     return metrics
 
 
-def align_classes(datamodule: TileDataModule, split: str, model: TileClassifier) -> TileDataset:
-    """The split's dataset with targets in the checkpoint's class order.
+def align_classes(datamodule: TileDataModule, split: str, model: TileClassifier) -> None:
+    """Put the split's targets in the checkpoint's class order.
 
     A multi-class tile of a class the model does not know cannot be scored: an error.
     Multi-label tags the model does not know are dropped with a warning.
@@ -80,8 +80,7 @@ def align_classes(datamodule: TileDataModule, split: str, model: TileClassifier)
         for column, name in enumerate(datamodule.class_names):
             if name in known:
                 aligned[:, known[name]] = targets[:, column]
-    datamodule.datasets[split] = TileDataset(dataset.layout, dataset.sources, aligned, dataset.bands)
-    return datamodule.datasets[split]
+    dataset.targets = aligned
 
 
 @hydra.main(version_base="1.3", config_path=CONFIG_PATH, config_name="eval")
