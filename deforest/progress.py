@@ -13,12 +13,20 @@ from typing import Any
 
 import lightning.pytorch as pl
 from lightning.pytorch.callbacks import Callback, RichProgressBar
+from lightning.pytorch.utilities.rank_zero import rank_zero_only
 
 log = logging.getLogger(__name__)
 
 
+@rank_zero_only
+def _say(message: str, *args: Any) -> None:
+    """One line per run, not one per DDP process."""
+    log.info(message, *args)
+
+
 class LineProgress(Callback):
-    """Logs one line per epoch with the epoch's metrics, and one line per stage for val/test/predict."""
+    """Logs a line per epoch with the metrics a bar would show, one every ``interval_s``
+    inside long epochs, and one when testing or predicting ends."""
 
     def __init__(self, interval_s: float = 30.0) -> None:
         self.interval_s = interval_s
@@ -36,26 +44,26 @@ class LineProgress(Callback):
         if now - self._last >= self.interval_s:
             self._last = now
             total = trainer.num_training_batches
-            log.info("epoch %d/%s: batch %d/%s after %.0f s", trainer.current_epoch + 1, trainer.max_epochs,
+            _say("epoch %d/%s: batch %d/%s after %.0f s", trainer.current_epoch + 1, trainer.max_epochs,
                      batch_idx + 1, total, now - self._started)
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         shown = trainer.progress_bar_metrics  # what a bar would show
         text = " ".join(f"{k}={float(v):.4f}" for k, v in sorted(shown.items()) if not k.endswith("_step"))
-        log.info("epoch %d/%s done in %.1f s: %s", trainer.current_epoch + 1, trainer.max_epochs,
+        _say("epoch %d/%s done in %.1f s: %s", trainer.current_epoch + 1, trainer.max_epochs,
                  time.monotonic() - self._started, text)
 
     def on_test_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._start()
 
     def on_test_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        log.info("test done (%.1f s, %d batches)", time.monotonic() - self._started, sum(trainer.num_test_batches))
+        _say("test done (%.1f s, %d batches)", time.monotonic() - self._started, sum(trainer.num_test_batches))
 
     def on_predict_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._start()
 
     def on_predict_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        log.info("predict done (%.1f s, %d batches)", time.monotonic() - self._started, sum(trainer.num_predict_batches))
+        _say("predict done (%.1f s, %d batches)", time.monotonic() - self._started, sum(trainer.num_predict_batches))
 
 
 def progress_callbacks(enabled: bool, interactive: bool | None = None) -> tuple[list[Callback], bool]:
