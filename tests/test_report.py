@@ -66,15 +66,11 @@ def eurosat_run(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def bigearthnet_run(tmp_path_factory):
-    from conftest import SHARED_DATA
-
-    root = SHARED_DATA / "bigearthnet-s2"
-    if not root.exists():
-        pytest.skip(f"real test data {root} not present")
+def bigearthnet_run(tmp_path_factory, bigearthnet_root):
     run_dir = tmp_path_factory.mktemp("bigearthnet_run")
-    metrics, _ = _train(run_dir, ["data=bigearthnet", f"data.root={root}", "trainer.max_epochs=2", "tune_thresholds=f1"])
-    return run_dir, metrics
+    data = ["data=bigearthnet", f"data.root={bigearthnet_root}"]
+    metrics, _ = _train(run_dir, [*data, "trainer.max_epochs=2", "tune_thresholds=f1"])
+    return run_dir, metrics, data
 
 
 def _predictions(run_dir: Path, class_names: list[str]) -> tuple[torch.Tensor, list[dict]]:
@@ -179,20 +175,17 @@ def test_deforest_eval_names_classes_the_checkpoint_does_not_know(eurosat_run, e
 
 
 def test_deforest_eval_uses_the_checkpoint_thresholds(bigearthnet_run, tmp_path):
-    from conftest import SHARED_DATA
-
-    run_dir, metrics = bigearthnet_run
-    root = SHARED_DATA / "bigearthnet-s2"
-    evaluate(_eval_config(run_dir, tmp_path, metrics["best_checkpoint"], ["data=bigearthnet", f"data.root={root}"]))
+    run_dir, metrics, data = bigearthnet_run
+    evaluate(_eval_config(run_dir, tmp_path, metrics["best_checkpoint"], data))
     written = json.loads((tmp_path / "metrics.json").read_text())
     for key in ("test/f1_macro", "test/f1_micro", "test/f2", "test/map", "test@0.5/f1_macro"):
         assert written[key] == pytest.approx(metrics[key], abs=1e-6), key
 
 
 def test_tuned_thresholds_are_in_the_checkpoint_and_beat_half_on_validation(bigearthnet_run):
-    run_dir, metrics = bigearthnet_run
+    run_dir, metrics, data = bigearthnet_run
     model = TileClassifier.load_from_checkpoint(metrics["best_checkpoint"], map_location="cpu").eval()
-    datamodule = build_datamodule(_bigearthnet_data(run_dir))
+    datamodule = build_datamodule(compose_train_config(run_dir, data).data)
     datamodule.setup("fit")
     val = datamodule.datasets["val"]
     with torch.no_grad():
@@ -206,14 +199,8 @@ def test_tuned_thresholds_are_in_the_checkpoint_and_beat_half_on_validation(bige
     assert (tuned >= half - 1e-6).all() and tuned.mean() >= half.mean()
 
 
-def _bigearthnet_data(run_dir: Path):
-    from conftest import SHARED_DATA
-
-    return compose_train_config(run_dir, ["data=bigearthnet", f"data.root={SHARED_DATA / 'bigearthnet-s2'}"]).data
-
-
 def test_multilabel_report_shows_tuned_and_half_thresholds(bigearthnet_run):
-    run_dir, metrics = bigearthnet_run
+    run_dir, metrics, _ = bigearthnet_run
     model = TileClassifier.load_from_checkpoint(metrics["best_checkpoint"], map_location="cpu")
     names, c = model.class_names, len(model.class_names)
     probs, rows = _predictions(run_dir, names)
