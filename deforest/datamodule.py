@@ -201,7 +201,10 @@ class TileDataModule(pl.LightningDataModule):
             raise DatasetError(f"{self.layout.root}: no tiles found")
         first = self._reference_header(index)
         self.nodata = first.nodata
-        self.bands = resolve_bands(self.band_selection, self.layout.band_names, first.count)
+        try:
+            self.bands = resolve_bands(self.band_selection, self.layout.band_names, first.count)
+        except ValueError as err:
+            raise DatasetError(f"{self.layout.root}: the tiles have {first.count} bands; data.bands: {err}") from None
         self.source_band_count = first.count
         groups = spatial_blocks(index, self.block_size) if self.split == "spatial" else None
         assignment = assign_splits(index, self.val_fraction, self.test_fraction, self.seed, groups)

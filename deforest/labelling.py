@@ -122,6 +122,13 @@ class VectorLabels(_ShareLabeller):
         else:
             raise TileError(self.path, f"needs only points or only polygons, found {meta.get('geometry_type')}")
         self.tree = shapely.STRtree(self.geoms)
+        scene_box = shapely.box(*rasterio.windows.bounds(Window(0, 0, scene.width, scene.height), scene.transform))
+        if self.tree.query(scene_box, predicate="intersects").size == 0:
+            raise TileError(
+                self.path,
+                f"has no feature inside the scene {scene.name} (bounds {tuple(round(b) for b in scene_box.bounds)} "
+                f"in {scene.crs}): labels of another area, or a wrong CRS in the labels or the scene?",
+            )
 
     def _read(self, field: str) -> tuple[dict, np.ndarray, np.ndarray]:
         try:

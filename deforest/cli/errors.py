@@ -10,19 +10,19 @@ from contextlib import contextmanager
 from deforest.config_checks import ConfigError
 from deforest.datasets import DatasetError
 from deforest.io import TileError
-from deforest.transforms import AugmentationError
 
 log = logging.getLogger(__name__)
 
-USER_ERRORS = (TileError, DatasetError, AugmentationError, ConfigError, FloatingPointError)
+# kept free of torch imports: deforest-tile starts without torch
+USER_ERRORS = (TileError, DatasetError, ConfigError, FloatingPointError)
 EXIT_USER_ERROR = 2
 
 
 @contextmanager
-def exit_on_user_error() -> Iterator[None]:
-    """Log a :data:`USER_ERRORS` exception as ``<type>: <message>`` and exit with status 2."""
+def exit_on_user_error(*extra: type[Exception]) -> Iterator[None]:
+    """Log a :data:`USER_ERRORS` (or ``extra``) exception as ``<type>: <message>``, exit with status 2."""
     try:
         yield
-    except USER_ERRORS as err:
+    except (*USER_ERRORS, *extra) as err:
         log.error("%s: %s", type(err).__name__, err)
         raise SystemExit(EXIT_USER_ERROR) from None

@@ -8,6 +8,7 @@ import hydra
 from hydra.utils import instantiate
 from omegaconf import DictConfig
 
+from deforest.cli.errors import exit_on_user_error
 from deforest.cli.train import CONFIG_PATH
 from deforest.pack import PackResult, pack_dataset
 
@@ -29,7 +30,8 @@ def pack(cfg: DictConfig) -> PackResult:
 
 @hydra.main(version_base="1.3", config_path=CONFIG_PATH, config_name="pack")
 def main(cfg: DictConfig) -> None:
-    pack(cfg)
+    with exit_on_user_error():
+        pack(cfg)
 
 
 if __name__ == "__main__":

@@ -8,7 +8,9 @@ import logging
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
+from deforest.cli.errors import exit_on_user_error
 from deforest.cli.train import CONFIG_PATH
+from deforest.config_checks import PREDICT_RULES, check_ranges
 from deforest.predict import load_classifier, predict_scene, predict_tiles, resolve_device
 from deforest.scene import Scene
 
@@ -17,6 +19,7 @@ log = logging.getLogger(__name__)
 
 def predict(cfg: DictConfig) -> dict[str, object]:
     """Run the configured prediction; returns a summary of what was written."""
+    check_ranges(cfg, PREDICT_RULES)
     if (cfg.get("scene") is None) == (cfg.get("tiles") is None):
         raise ValueError("give exactly one of scene=PATH (a map) or tiles=DIR (a CSV)")
     model, spec = load_classifier(cfg.ckpt_path, resolve_device(cfg.device))
@@ -39,7 +42,8 @@ def predict(cfg: DictConfig) -> dict[str, object]:
 
 @hydra.main(version_base="1.3", config_path=CONFIG_PATH, config_name="predict")
 def main(cfg: DictConfig) -> None:
-    predict(cfg)
+    with exit_on_user_error():
+        predict(cfg)
 
 
 if __name__ == "__main__":

@@ -7,6 +7,8 @@ import logging
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
+from deforest.cli.errors import exit_on_user_error
+from deforest.config_checks import TILE_RULES, check_ranges
 from deforest.labelling import RasterLabels, VectorLabels
 from deforest.scene import Scene
 from deforest.tiling import Labeller, TilingReport, tile_scene
@@ -31,6 +33,7 @@ def build_labeller(cfg: DictConfig, scene: Scene) -> Labeller | None:
 
 def tile(cfg: DictConfig) -> TilingReport:
     """Tile the configured scene and log what was written and what was skipped."""
+    check_ranges(cfg, TILE_RULES)
     scene_paths = OmegaConf.to_container(cfg.scene) if OmegaConf.is_list(cfg.scene) else cfg.scene
     with Scene(scene_paths) as scene:
         labeller = build_labeller(cfg, scene)
@@ -55,7 +58,8 @@ def tile(cfg: DictConfig) -> TilingReport:
 
 @hydra.main(version_base="1.3", config_path=CONFIG_PATH, config_name="tile")
 def main(cfg: DictConfig) -> None:
-    tile(cfg)
+    with exit_on_user_error():
+        tile(cfg)
 
 
 if __name__ == "__main__":

@@ -19,6 +19,7 @@ from deforest.hydra_ddp import ddp_children_join_this_job
 from deforest.module import TileClassifier
 from deforest.progress import progress_callbacks
 from deforest.report import report_on_split
+from deforest.transforms import AugmentationError
 
 log = logging.getLogger(__name__)
 
@@ -134,7 +135,7 @@ def _write_records(output_dir: Path, metrics: dict[str, Any], cfg: DictConfig, d
 
 @hydra.main(version_base="1.3", config_path=CONFIG_PATH, config_name="train")
 def main(cfg: DictConfig) -> float | None:
-    with exit_on_user_error(), ddp_children_join_this_job():
+    with exit_on_user_error(AugmentationError), ddp_children_join_this_job():
         metrics = train(cfg)
     objective = cfg.get("optimized_metric")
     return metrics.get(objective) if objective else None
