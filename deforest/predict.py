@@ -220,7 +220,7 @@ def predict_scene(
         writer = MapWriter(target, spec, scene, width, height, scene.transform @ Affine.scale(stride), dtype, tags)
         run = _per_window
     try:
-        counts = run(model, spec, scene, writer, tile, stride, batch_size, max_nodata)
+        counts = run(model, spec, scene, writer, stride, batch_size, max_nodata)
     finally:
         writer.close()
     if cog:
@@ -239,38 +239,33 @@ def _read_padded(scene: Scene, bands: list[int], row0: int, col0: int, height: i
 
 
 def _classify_strip(
-    model: TileClassifier, scene: Scene, strip: np.ndarray, starts: list[int], tile: int, batch_size: int,
+    model: TileClassifier, spec: ModelSpec, scene: Scene, strip: np.ndarray, starts: list[int], batch_size: int,
     max_nodata: float,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Probabilities ``[n, C]`` of the windows at column ``starts`` of ``strip``, and which are valid."""
+    """Probabilities ``[n, C]`` of the windows at column ``starts`` of ``strip`` (0 where not
+    valid), and which windows are valid (at most ``max_nodata`` nodata)."""
+    tile = spec.tile_size
     nodata = scene.nodata_mask(strip)
     valid = np.asarray([nodata[:, s : s + tile].mean() <= max_nodata for s in starts])
-    probs = np.zeros((len(starts), 0), np.float32)
-    chosen = np.flatnonzero(valid)
-    parts = [
-        _probabilities(model, np.stack([strip[:, :, starts[i] : starts[i] + tile] for i in batch]))
-        for batch in _batches(chosen, batch_size)
-    ]
-    if parts:
-        probs = np.zeros((len(starts), parts[0].shape[1]), np.float32)
-        probs[chosen] = np.concatenate(parts)
+    probs = np.zeros((len(starts), spec.num_classes), np.float32)
+    for batch in _batches(np.flatnonzero(valid), batch_size):
+        probs[batch] = _probabilities(model, np.stack([strip[:, :, starts[i] : starts[i] + tile] for i in batch]))
     return probs, valid
 
 
 def _per_window(
-    model: TileClassifier, spec: ModelSpec, scene: Scene, writer: MapWriter, tile: int, stride: int,
-    batch_size: int, max_nodata: float,
+    model: TileClassifier, spec: ModelSpec, scene: Scene, writer: MapWriter, stride: int, batch_size: int,
+    max_nodata: float,
 ) -> dict[str, int]:
     """One output pixel per ``stride`` block, from the window centred on that block."""
+    tile = spec.tile_size
     offset = (tile - stride) // 2
     n_cols = writer.dst.width
     starts = [j * stride for j in range(n_cols)]
     classified = skipped = 0
     for i in range(writer.dst.height):
         strip = _read_padded(scene, spec.bands, i * stride - offset, -offset, tile, (n_cols - 1) * stride + tile)
-        probs, valid = _classify_strip(model, scene, strip, starts, tile, batch_size, max_nodata)
-        if not valid.any():
-            probs = np.zeros((n_cols, spec.num_classes), np.float32)
+        probs, valid = _classify_strip(model, spec, scene, strip, starts, batch_size, max_nodata)
         writer.write(probs.T[:, None, :], ~valid[None, :], Window(0, i, n_cols, 1))
         classified += int(valid.sum())
         skipped += int((~valid).sum())
@@ -278,10 +273,11 @@ def _per_window(
 
 
 def _full_resolution(
-    model: TileClassifier, spec: ModelSpec, scene: Scene, writer: MapWriter, tile: int, stride: int,
-    batch_size: int, max_nodata: float,
+    model: TileClassifier, spec: ModelSpec, scene: Scene, writer: MapWriter, stride: int, batch_size: int,
+    max_nodata: float,
 ) -> dict[str, int]:
     """Every scene pixel: the tent-weighted mean of the windows covering it."""
+    tile = spec.tile_size
     ys, xs = window_starts(scene.height, tile, stride), window_starts(scene.width, tile, stride)
     weight = tent(tile)
     wx = np.zeros((len(xs), scene.width))
@@ -291,9 +287,7 @@ def _full_resolution(
     done = classified = skipped = 0
     for r, y in enumerate(ys):
         strip = scene.read(Window(0, y, scene.width, tile), spec.bands)
-        probs, valid = _classify_strip(model, scene, strip, xs, tile, batch_size, max_nodata)
-        if probs.shape[1] == 0:
-            probs = np.zeros((len(xs), spec.num_classes), np.float32)
+        probs, valid = _classify_strip(model, spec, scene, strip, xs, batch_size, max_nodata)
         kept.append((y, probs, valid))
         classified, skipped = classified + int(valid.sum()), skipped + int((~valid).sum())
         final = ys[r + 1] if r + 1 < len(ys) else scene.height

@@ -79,22 +79,12 @@ class Scene:
         return abs(self.transform.a), abs(self.transform.e)
 
     def read(self, window: Window, bands: Sequence[int] | None = None) -> np.ndarray:
-        """Bands (1-based, stacked order) of ``window`` in the scene's dtype, ``[C, h, w]``.
-
-        Windows may reach past the scene: those pixels are filled with nodata (0 without).
-        """
+        """Bands (1-based, stacked order) of ``window`` (inside the scene) in the scene's dtype, ``[C, h, w]``."""
         chosen = [self._bands[b - 1] for b in bands] if bands is not None else self._bands
-        fill = self.nodata if self.nodata is not None else 0
-        # boundless reads go through a VRT, many times slower: only where they are needed
-        inside = window.col_off >= 0 and window.row_off >= 0 and window.col_off + window.width <= self.width \
-            and window.row_off + window.height <= self.height
         try:
-            layers = [
-                src.read(b, window=window, boundless=not inside, fill_value=fill) for src, b in chosen
-            ]
+            return np.stack([src.read(b, window=window) for src, b in chosen])
         except (RasterioError, OSError) as err:
             raise TileError(self.name, f"cannot be read at {window} ({str(err).splitlines()[0][:200]})") from None
-        return np.stack(layers)
 
     def nodata_mask(self, data: np.ndarray) -> np.ndarray:
         """``[h, w]`` True where every band is nodata (or not finite): GDAL's dataset-mask rule."""

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import csv
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import lightning.pytorch as pl
@@ -13,9 +11,12 @@ import numpy as np
 import pytest
 import rasterio
 from affine import Affine
+from hydra import compose, initialize_config_module
 
 from conftest import compose_train_config
+from deforest.cli.predict import predict
 from deforest.cli.train import train
+from deforest.io import TileError
 from deforest.labelling import VectorLabels
 from deforest.module import TileClassifier
 from deforest.predict import load_classifier, predict_scene, predict_tiles
@@ -110,12 +111,13 @@ def test_tiles_to_csv(rondonia, tmp_path):
 
 @pytest.mark.slow  # shares the module fixture that trains on the Rondonia tiles
 def test_band_mismatch_fails_before_any_work(rondonia, scenes_root, tmp_path):
+    """Through the packaged ``predict`` config, as ``deforest-predict`` composes it."""
     out = tmp_path / "map.tif"
-    cmd = [sys.executable, "-m", "deforest.cli.predict", f"ckpt_path={rondonia['ckpt']}",
-           f"scene={scenes_root / 'landsat7-bahamas' / 'RGB.byte.tif'}", f"out={out}", f"hydra.run.dir={tmp_path / 'run'}"]
-    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
-    assert done.returncode != 0
-    assert "RGB.byte.tif: has 3 bands, the checkpoint was trained on 6-band tiles" in done.stderr, done.stderr[-2000:]
+    overrides = [f"ckpt_path={rondonia['ckpt']}", f"scene={scenes_root / 'landsat7-bahamas' / 'RGB.byte.tif'}", f"out={out}"]
+    with initialize_config_module(config_module="deforest.conf", version_base="1.3"):
+        cfg = compose("predict", overrides=overrides)
+    with pytest.raises(TileError, match="RGB.byte.tif: has 3 bands, the checkpoint was trained on 6-band tiles"):
+        predict(cfg)
     assert not out.exists()
 
 
