@@ -15,7 +15,6 @@ import hydra
 import numpy as np
 from omegaconf import DictConfig, OmegaConf
 
-from deforest.cli.errors import exit_on_user_error
 from deforest.cli.train import CONFIG_PATH, build_datamodule, build_trainer
 from deforest.datamodule import TileDataModule
 from deforest.datasets import MULTICLASS, SPLITS, DatasetError
@@ -55,7 +54,8 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
 
 
 def align_classes(datamodule: TileDataModule, split: str, model: TileClassifier) -> None:
-    """Put the split's targets in the checkpoint's class order.
+    """Put the split's targets in the checkpoint's class order, and fill its nodata pixels with
+    the raw values the checkpoint's statistics normalise to 0 (not this dataset's).
 
     A multi-class tile of a class the model does not know cannot be scored: an error.
     Multi-label tags the model does not know are dropped with a warning.
@@ -82,12 +82,13 @@ def align_classes(datamodule: TileDataModule, split: str, model: TileClassifier)
             if name in known:
                 aligned[:, known[name]] = targets[:, column]
     dataset.targets = aligned
+    mean = np.asarray(model.hparams.band_mean)
+    dataset.fill = (np.expm1(mean) if model.hparams.log_scale else mean).tolist()
 
 
 @hydra.main(version_base="1.3", config_path=CONFIG_PATH, config_name="eval")
 def main(cfg: DictConfig) -> None:
-    with exit_on_user_error():
-        evaluate(cfg)
+    evaluate(cfg)
 
 
 if __name__ == "__main__":
