@@ -15,6 +15,7 @@ import hydra
 import numpy as np
 from omegaconf import DictConfig, OmegaConf
 
+from deforest.cli.errors import exit_on_user_error
 from deforest.cli.train import CONFIG_PATH, build_datamodule, build_trainer
 from deforest.datamodule import TileDataModule
 from deforest.datasets import MULTICLASS, SPLITS, DatasetError
@@ -88,7 +89,8 @@ def align_classes(datamodule: TileDataModule, split: str, model: TileClassifier)
 
 @hydra.main(version_base="1.3", config_path=CONFIG_PATH, config_name="eval")
 def main(cfg: DictConfig) -> None:
-    evaluate(cfg)
+    with exit_on_user_error():
+        evaluate(cfg)
 
 
 if __name__ == "__main__":
