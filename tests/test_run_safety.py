@@ -94,3 +94,23 @@ def test_skipped_bad_tiles_are_reported_in_the_run_summary(train_config, eurosat
     train(cfg)
     assert "- bad tiles skipped: 1 (listed in `bad_tiles.json`)" in (tmp_path / "summary.md").read_text()
     assert json.loads((tmp_path / "bad_tiles.json").read_text()) == {str(empty): f"{empty}: is empty (0 bytes)"}
+
+
+@pytest.mark.parametrize(
+    "app,overrides,message",
+    [
+        ("tile", ["tile_size=0"], r"tile_size=0 must be >= 1"),
+        ("predict", ["ckpt_path=missing.ckpt", "batch_size=0", "stride=-4"], r"stride=-4 must be >= 1; batch_size=0 must be >= 1"),
+    ],
+)
+def test_tile_and_predict_check_ranges_first(tmp_path, app, overrides, message):
+    from hydra import compose, initialize_config_module
+
+    from deforest.cli.predict import predict
+    from deforest.cli.tile import tile
+
+    with initialize_config_module(config_module="deforest.conf", version_base="1.3"):
+        cfg = compose(app, overrides=[f"out={tmp_path / 'out'}", "scene=missing.tif", *overrides])
+    with pytest.raises(ConfigError, match=message):
+        (tile if app == "tile" else predict)(cfg)
+    assert not (tmp_path / "out").exists()
