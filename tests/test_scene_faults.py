@@ -140,3 +140,19 @@ def test_eval_refuses_data_without_the_checkpoint_bands(twelve_band_checkpoint, 
     assert done.returncode == 2, output[-3000:]
     assert f"DatasetError: {rgb_tiles}: the tiles have 3 bands; data.bands: band index 4 is outside 1..3" in output
     assert "Traceback" not in output
+
+
+def test_predict_and_eval_load_checkpoints_weights_only(twelve_band_checkpoint, tmp_path):
+    """TileClassifier.load_from_checkpoint (used by predict and eval) refuses pickled code."""
+    import pickle
+
+    import torch
+
+    from deforest.module import TileClassifier
+
+    assert TileClassifier.load_from_checkpoint(twelve_band_checkpoint, map_location="cpu").hparams.bands[-1] == 12
+    tampered = torch.load(twelve_band_checkpoint, map_location="cpu", weights_only=True)
+    tampered["hyper_parameters"]["hook"] = subprocess.Popen
+    torch.save(tampered, tmp_path / "tampered.ckpt")
+    with pytest.raises(pickle.UnpicklingError, match="Weights only load failed"):
+        TileClassifier.load_from_checkpoint(tmp_path / "tampered.ckpt", map_location="cpu")
