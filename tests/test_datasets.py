@@ -112,32 +112,24 @@ def test_bigearthnet_layout_reads_all_bands_on_one_grid(bigearthnet_root):
     assert nineteen.class_names == BIGEARTHNET_19 and len(BIGEARTHNET_19) == 19
 
 
-def test_mismatched_band_count_names_the_file(eurosat_root, tmp_path):
+@pytest.mark.parametrize(
+    "name, shrink, message",
+    [
+        ("River_odd.tif", {"count": 12}, r"River_odd\.tif: has 12 bands, the dataset's tiles have 13"),
+        ("small.tif", {"width": 32, "height": 32}, r"small\.tif: is 32x32 pixels, the dataset's tiles are 64x64"),
+    ],
+)
+def test_odd_tile_among_good_ones_is_named(eurosat_root, tmp_path, name, shrink, message):
     for cls in ("Forest", "River"):
         shutil.copytree(eurosat_root / "train" / cls, tmp_path / cls)
     src = next((tmp_path / "River").glob("*.tif"))
     with rasterio.open(src) as ds:
         profile, data = ds.profile, ds.read()
-    bad = tmp_path / "River" / "River_odd.tif"
-    profile.update(count=12)
-    with rasterio.open(bad, "w", **profile) as dst:
-        dst.write(data[:12])
+    profile.update(shrink)
+    with rasterio.open(tmp_path / "River" / name, "w", **profile) as dst:
+        dst.write(data[: profile["count"], : profile["height"], : profile["width"]])
     dm = TileDataModule(FolderLayout(tmp_path), val_fraction=0.2, test_fraction=0.2, cache_dir=str(tmp_path / "c"))
-    with pytest.raises(TileError, match=r"River_odd\.tif: has 12 bands, the dataset's tiles have 13"):
-        dm.setup()
-
-
-def test_mismatched_size_names_the_file(eurosat_root, tmp_path):
-    for cls in ("Forest", "River"):
-        shutil.copytree(eurosat_root / "train" / cls, tmp_path / cls)
-    src = next((tmp_path / "Forest").glob("*.tif"))
-    with rasterio.open(src) as ds:
-        profile, data = ds.profile, ds.read()
-    profile.update(width=32, height=32)
-    with rasterio.open(tmp_path / "Forest" / "small.tif", "w", **profile) as dst:
-        dst.write(data[:, :32, :32])
-    dm = TileDataModule(FolderLayout(tmp_path), val_fraction=0.2, test_fraction=0.2, cache_dir=str(tmp_path / "c"))
-    with pytest.raises(TileError, match=r"small\.tif: is 32x32 pixels, the dataset's tiles are 64x64"):
+    with pytest.raises(TileError, match=message):
         dm.setup()
 
 
