@@ -47,9 +47,9 @@ buildah bud --isolation chroot --layers \
     --volume "$CA_BUNDLE:/etc/ssl/certs/build-ca.crt:ro" --build-arg PIP_CERT=/etc/ssl/certs/build-ca.crt \
     -t "$IMAGE" -f Dockerfile .
 
-entrypoint=$(buildah inspect --type image --format '{{json .OCIv1.Config.Entrypoint}}' "$IMAGE")
+entrypoint=$(buildah inspect --type image --format '{{.OCIv1.Config.Entrypoint}}' "$IMAGE")
 user=$(buildah inspect --type image --format '{{.OCIv1.Config.User}}' "$IMAGE")
-[ "$entrypoint" = '["deforest-train"]' ] || { echo "container-smoke: entrypoint is $entrypoint" >&2; exit 1; }
+[ "$entrypoint" = '[deforest-train]' ] || { echo "container-smoke: entrypoint is $entrypoint" >&2; exit 1; }
 case "$user" in ""|root|0|0:*) echo "container-smoke: image runs as root" >&2; exit 1 ;; esac
 
 echo "== tiny training in the image (user $user, the shipped sample mounted at /data)"
