@@ -135,3 +135,23 @@ def test_optuna_search_two_trials_with_sqlite_storage(tmp_path):
     rows = _summary_rows(sweep_dir)
     assert len(rows) == 2 and {r["model.backbone"] for r in rows} == {"small_cnn"}
     assert [float(r["val/f1_macro"]) for r in rows] == pytest.approx([t.value for t in study.trials])
+
+
+def test_gpu_trainers_turn_on_the_speed_switches_and_launchers_compose(tmp_path):
+    from hydra import compose, initialize_config_module
+
+    with initialize_config_module(config_module="deforest.conf", version_base="1.3"):
+        gpu = compose("train", overrides=["trainer=gpu", "model=resnet18"])
+        ddp = compose("train", overrides=["trainer=ddp", "model.compile=false"])
+        slurm = compose("train", overrides=["hydra/launcher=submitit_slurm", "hydra.launcher.gpus_per_node=4"],
+                        return_hydra_config=True)
+    assert (gpu.trainer.accelerator, gpu.trainer.devices, gpu.trainer.precision, gpu.trainer.benchmark) == (
+        "gpu", 1, "bf16-mixed", True
+    )
+    assert gpu.model.backbone == "resnet18" and gpu.model.channels_last and gpu.model.compile
+    assert gpu.data.pin_memory and gpu.data.device_flips and list(gpu.data.augment) == []
+    assert (ddp.trainer.devices, ddp.trainer.strategy, ddp.trainer.precision, ddp.model.compile) == (
+        -1, "ddp", "bf16-mixed", False
+    )
+    launcher = slurm.hydra.launcher
+    assert launcher._target_.endswith("SlurmLauncher") and launcher.tasks_per_node == 4
