@@ -202,10 +202,12 @@ class TileDataModule(pl.LightningDataModule):
         first = self._reference_header(index)
         self.nodata = first.nodata
         try:
-            self.bands = resolve_bands(self.band_selection, self.layout.band_names, first.count)
+            self.bands = resolve_bands(self.band_selection, self.layout.band_names, self.layout.band_count(first.count))
         except ValueError as err:
-            raise DatasetError(f"{self.layout.root}: the tiles have {first.count} bands; data.bands: {err}") from None
-        self.source_band_count = first.count
+            raise DatasetError(
+                f"{self.layout.root}: the tiles have {self.layout.band_count(first.count)} bands; data.bands: {err}"
+            ) from None
+        self.source_band_count = self.layout.band_count(first.count)
         groups = spatial_blocks(index, self.block_size) if self.split == "spatial" else None
         assignment = assign_splits(index, self.val_fraction, self.test_fraction, self.seed, groups)
         if self.imbalance:

@@ -78,6 +78,10 @@ class TileLayout(ABC):
         """The file whose header describes ``source`` (its band count and size)."""
         return source
 
+    def band_count(self, header_count: int) -> int:
+        """Bands of one sample, given the band count of its :meth:`header_source` file."""
+        return header_count
+
 
 def _tiles_in(folder: Path) -> list[Path]:
     return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in TILE_SUFFIXES)
@@ -321,6 +325,9 @@ class BigEarthNetLayout(TileLayout):
 
     def header_source(self, source: str) -> str:
         return str(self._band_file(Path(source), "B02"))
+
+    def band_count(self, header_count: int) -> int:
+        return len(self.band_names)  # one single-band file per band
 
 
 def describe_split_counts(index: TileIndex, assignment: Sequence[str]) -> dict[str, dict[str, int]]:

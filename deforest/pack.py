@@ -219,6 +219,9 @@ class PackedLayout(TileLayout):
     def header_source(self, source: str) -> str:
         return self.source.header_source(source)
 
+    def band_count(self, header_count: int) -> int:
+        return self.source.band_count(header_count)
+
 
 def _first_difference(now: list[str], packed: list[str]) -> str:
     added, removed = sorted(set(now) - set(packed)), sorted(set(packed) - set(now))

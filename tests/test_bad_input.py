@@ -276,3 +276,11 @@ def test_bigearthnet_patch_faults(bigearthnet_root, tmp_path):
     labels.unlink()
     with pytest.raises(DatasetError, match=rf"{labels.name}: labels JSON missing"):
         BigEarthNetLayout(tmp_path / "ben").build_index()
+
+
+def test_bigearthnet_samples_carry_all_twelve_bands(bigearthnet_root, tmp_path):
+    """The header file of a patch is one single-band GeoTIFF: the sample still has 12 bands."""
+    dm = TileDataModule(BigEarthNetLayout(bigearthnet_root), val_fraction=0.15, cache_dir=str(tmp_path / "c"))
+    dm.setup()
+    assert dm.bands == list(range(1, 13)) and dm.source_band_count == 12
+    assert dm.datasets["train"][0]["image"].shape == (12, 120, 120)
