@@ -121,7 +121,6 @@ def test_band_mismatch_fails_before_any_work(rondonia, scenes_root, tmp_path):
     assert not out.exists()
 
 
-@pytest.mark.slow  # ~1.1 M pixels through the CPU model twice
 def test_bahamas_nodata_stays_nodata(scenes_root, tmp_path):
     ckpt = save_untrained(tmp_path / "rgb.ckpt", "multiclass", ["land", "water"], bands=3, tile=32)
     model, spec = load_classifier(ckpt)
