@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import pickle
+import shutil
 import signal
 import subprocess
 import sys
@@ -20,16 +21,16 @@ from deforest.cli.train import train
 
 REPO = Path(__file__).resolve().parents[1]
 EPOCHS = 3
-STEPS_PER_EPOCH = 6  # 194 training tiles in batches of 32, the last partial batch dropped
+CLASSES = ("Forest", "Highway", "Industrial", "River", "SeaLake")  # half the sample: half the CPU time
 RUN = [
-    f"trainer.max_epochs={EPOCHS}", "model.width=16", "model.tta=false", "loss.scheme=ema",
+    f"trainer.max_epochs={EPOCHS}", "data.batch_size=16", "model.width=16", "model.tta=false", "loss.scheme=ema",
     "trainer.deterministic=true", "callbacks.last_checkpoint.every_n_train_steps=2", "report.enabled=false",
     "trainer.enable_progress_bar=false", "logger=csv",
 ]
 
 
 def _cli(run_dir: Path, cache: Path, *extra: str) -> list[str]:
-    return [sys.executable, "-m", "deforest.cli.train", f"hydra.run.dir={run_dir}", f"paths.cache_dir={cache}", *RUN, *extra]
+    return [sys.executable, "-m", "deforest.cli.train", f"hydra.run.dir={run_dir}", f"paths.cache_dir={cache}", *extra]
 
 
 def _load(path: Path) -> dict:
@@ -50,33 +51,39 @@ def _kill_mid_epoch(cmd: list[str], last: Path, at_step: int) -> subprocess.Pope
 
 
 @pytest.mark.slow
-def test_sigkill_mid_epoch_then_resume_matches_uninterrupted_run(train_config, tmp_path):
-    reference = train(train_config(RUN))
+def test_sigkill_mid_epoch_then_resume_matches_uninterrupted_run(train_config, eurosat_root, tmp_path):
+    data = tmp_path / "data"
+    for split in ("train", "test"):
+        for cls in CLASSES:
+            shutil.copytree(eurosat_root / split / cls, data / split / cls)
+    run = [*RUN, f"data.root={data}"]
+    reference = train(train_config(run))
+    reference_ckpt = _load(tmp_path / "checkpoints" / "last.ckpt")
+    total = reference_ckpt["global_step"]
+    steps_per_epoch = total // EPOCHS
     cache = tmp_path / "cache"
 
     killed_dir = tmp_path / "killed"
     last = killed_dir / "checkpoints" / "last.ckpt"
-    proc = _kill_mid_epoch(_cli(killed_dir, cache), last, at_step=STEPS_PER_EPOCH + 2)
+    proc = _kill_mid_epoch(_cli(killed_dir, cache, *run), last, at_step=steps_per_epoch + 2)
     assert proc.returncode == -signal.SIGKILL, proc.stderr.read().decode()[-3000:]
     state = _load(last)
     step = state["global_step"]
-    assert step % STEPS_PER_EPOCH != 0 and step < EPOCHS * STEPS_PER_EPOCH, step  # mid-epoch
+    assert step % steps_per_epoch != 0 and step < total, (step, steps_per_epoch)  # mid-epoch
     assert state["state_dict"]["criterion.ema_steps"] == step  # EMA weighting state is in it
     assert state["optimizer_states"][0]["state"], "optimiser moments missing"
-    reference_ckpt = _load(tmp_path / "checkpoints" / "last.ckpt")
     for key in ("normalizer.mean", "normalizer.std"):
         torch.testing.assert_close(state["state_dict"][key], reference_ckpt["state_dict"][key])
 
     resumed_dir = tmp_path / "resumed"
-    done = subprocess.run(_cli(resumed_dir, cache, f"ckpt_path={last}"), cwd=REPO, capture_output=True, text=True, timeout=600)
+    done = subprocess.run(_cli(resumed_dir, cache, *run, f"ckpt_path={last}"), cwd=REPO, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, (done.stdout + done.stderr)[-3000:]
     final = _load(resumed_dir / "checkpoints" / "last.ckpt")
-    total = EPOCHS * STEPS_PER_EPOCH
-    assert final["global_step"] == reference_ckpt["global_step"] == total
+    assert final["global_step"] == total == EPOCHS * steps_per_epoch
     # the EMA counted every step, before and after the kill: its state was restored, not reset
     assert final["state_dict"]["criterion.ema_steps"] == total
     resumed = OmegaConf.to_container(OmegaConf.load(resumed_dir / "metrics.json"))
-    assert reference["test/accuracy"] > 0.15  # above chance (0.1), or the comparison says nothing
+    assert reference["test/accuracy"] > 0.4  # well above chance (0.2), or the comparison says nothing
     for key in ("test/accuracy", "test/f1_macro"):
         assert abs(resumed[key] - reference[key]) <= 0.15, (key, resumed[key], reference[key])
 
