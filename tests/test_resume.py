@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import pickle
 import shutil
@@ -138,3 +139,15 @@ def test_config_values_are_not_evaluated(train_config):
     cfg = train_config(["data.batch_size=${eval:'__import__(\"os\").getpid()'}"])
     with pytest.raises(InterpolationResolutionError, match="Unsupported interpolation type eval"):
         OmegaConf.to_container(cfg.data, resolve=True)
+
+
+def test_ckpt_path_auto_continues_the_run_in_its_directory(train_config, tmp_path, caplog):
+    short = ["+trainer.limit_train_batches=2", "+trainer.limit_val_batches=1", "test=false", "report.enabled=false",
+             "model.scheduler=null"]  # OneCycleLR cannot stretch to more epochs than it was built for
+    train(train_config([*short, "ckpt_path=auto"]))  # nothing to resume: a fresh start
+    last = tmp_path / "checkpoints" / "last.ckpt"
+    assert _load(last)["global_step"] == 2 and "Restoring states" not in caplog.text
+    with caplog.at_level(logging.INFO):
+        train(train_config([*short, "ckpt_path=auto", "trainer.max_epochs=2"]))
+    assert f"Restoring states from the checkpoint path at {last}" in caplog.text
+    assert _load(last)["global_step"] == 4  # epoch 2 on top of epoch 1

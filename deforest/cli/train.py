@@ -81,7 +81,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
     datamodule.setup("fit")
     model = build_model(cfg.model, cfg.loss, datamodule, cfg.get("tune_thresholds"))
     trainer = build_trainer(cfg)
-    trainer.fit(model, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+    trainer.fit(model, datamodule=datamodule, ckpt_path=resume_path(cfg.get("ckpt_path"), output_dir))
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
     if cfg.get("test"):
         best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
@@ -94,6 +94,18 @@ def train(cfg: DictConfig) -> dict[str, float]:
     if trainer.is_global_zero:
         _write_records(output_dir, metrics, cfg, datamodule)
     return metrics
+
+
+def resume_path(ckpt_path: str | None, output_dir: Path) -> str | None:
+    """``ckpt_path=auto``: resume from this run directory's ``last.ckpt`` when there is one,
+    so rerunning a killed job with the same ``hydra.run.dir`` continues it."""
+    if ckpt_path != "auto":
+        return ckpt_path
+    last = output_dir / "checkpoints" / "last.ckpt"
+    if last.is_file():
+        log.info("ckpt_path=auto: resuming from %s", last)
+        return str(last)
+    return None
 
 
 def build_trainer(cfg: DictConfig) -> pl.Trainer:
