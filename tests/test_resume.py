@@ -92,7 +92,8 @@ def test_sigkill_mid_epoch_then_resume_matches_uninterrupted_run(train_config, e
 def test_same_seed_same_metrics_with_deterministic_trainer(tmp_path):
     from conftest import compose_train_config
 
-    overrides = ["trainer.deterministic=true", "+trainer.limit_train_batches=3", "report.enabled=false", "callbacks=none"]
+    overrides = ["trainer.deterministic=true", "+trainer.limit_train_batches=3", "+trainer.limit_test_batches=1",
+                 "report.enabled=false", "callbacks=none"]
     first = train(compose_train_config(tmp_path / "a", overrides))
     second = train(compose_train_config(tmp_path / "b", overrides))
     first.pop("best_checkpoint"), second.pop("best_checkpoint")
