@@ -46,13 +46,23 @@ def weighting(batch: int, size: int, reps: int) -> dict:
         optimizer.zero_grad(set_to_none=True)
         return time.perf_counter() - start
 
+    def loss_only(loss_fn, n: int = 300) -> float:
+        """The loss's own forward and backward: what weighting can add to a step."""
+        logits = torch.randn(batch, 10, requires_grad=True)
+        start = time.perf_counter()
+        for _ in range(n):
+            loss_fn(logits, y).backward()
+        return (time.perf_counter() - start) / n
+
     for loss_fn in losses.values():  # warm-up
         step(loss_fn)
     times: dict[str, list[float]] = {name: [] for name in losses}
+    loss_times: dict[str, list[float]] = {name: [] for name in losses}
     for _ in range(reps):
         for name, loss_fn in losses.items():
             times[name].append(step(loss_fn))
-    return {"seconds_per_step": times}
+            loss_times[name].append(loss_only(loss_fn))
+    return {"seconds_per_step": times, "seconds_per_loss": loss_times}
 
 
 def _model(width: int):
