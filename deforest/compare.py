@@ -9,6 +9,7 @@ micro F1 for multi-label) and the recall of the classes rarest in the training s
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from pathlib import Path
 
 import pandas as pd
@@ -30,11 +31,14 @@ def rarest_classes(run_dir: Path, k: int) -> list[str]:
     return sorted(counts, key=lambda name: (counts[name], name))[:k]
 
 
-def compare_runs(multirun_dir: str | Path, rare_k: int = 2) -> tuple[pd.DataFrame, list[str]]:
-    """Per scheme and normalisation: seeds, mean and std of the headline metrics."""
-    runs = [r for r in collect_runs(multirun_dir) if r["status"] == "done"]
+def compare_runs(multirun_dirs: Sequence[str | Path], rare_k: int = 2) -> tuple[pd.DataFrame, list[str]]:
+    """Per scheme and normalisation: seeds, mean and std of the headline metrics.
+
+    Several multirun directories are pooled (e.g. a sweep extended by a second one).
+    """
+    runs = [r for d in multirun_dirs for r in collect_runs(d) if r["status"] == "done"]
     if not runs:
-        raise ValueError(f"{multirun_dir}: no finished job with a metrics.json")
+        raise ValueError(f"{', '.join(map(str, multirun_dirs))}: no finished job with a metrics.json")
     rows = [{**r, **_job_settings(Path(r["run_dir"]))} for r in runs]
     frame = pd.DataFrame(rows)
     rare = rarest_classes(Path(runs[0]["run_dir"]), rare_k)
@@ -47,16 +51,19 @@ def compare_runs(multirun_dir: str | Path, rare_k: int = 2) -> tuple[pd.DataFram
     return table[ordered].reset_index(), rare
 
 
-def write_comparison(multirun_dir: str | Path, rare_k: int = 2) -> tuple[Path, Path]:
-    """Write ``comparison.csv`` and ``comparison.md`` into the multirun directory."""
-    root = Path(multirun_dir)
-    table, rare = compare_runs(root, rare_k)
+def write_comparison(
+    multirun_dirs: Sequence[str | Path], rare_k: int = 2, out_dir: str | Path | None = None
+) -> tuple[Path, Path]:
+    """Write ``comparison.csv`` and ``comparison.md`` (into ``out_dir``, default the first directory)."""
+    root = Path(out_dir or multirun_dirs[0])
+    root.mkdir(parents=True, exist_ok=True)
+    table, rare = compare_runs(multirun_dirs, rare_k)
     csv_path, md_path = root / "comparison.csv", root / "comparison.md"
     table.to_csv(csv_path, index=False)
     metric_names = [c[: -len(" mean")] for c in table.columns if c.endswith(" mean")]
     header = ["scheme", "normalize", "seeds", *metric_names]
     lines = [
-        f"# Loss weighting comparison ({root.name})",
+        f"# Loss weighting comparison ({', '.join(Path(d).name for d in multirun_dirs)})",
         "",
         f"Mean ± standard deviation over seeds; rarest training classes: {', '.join(rare)}.",
         "",

@@ -1,4 +1,4 @@
-"""``deforest-compare DIR``: summarise a multirun of loss schemes into comparison.md/.csv."""
+"""``deforest-compare DIR [DIR ...]``: summarise multiruns of loss schemes into comparison.md/.csv."""
 
 from __future__ import annotations
 
@@ -9,10 +9,11 @@ from deforest.compare import write_comparison
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="deforest-compare", description=__doc__)
-    parser.add_argument("multirun_dir", help="a Hydra multirun directory (logs/train/multiruns/<time>)")
+    parser.add_argument("multirun_dirs", nargs="+", help="Hydra multirun directories (logs/train/multiruns/<time>), pooled")
+    parser.add_argument("--out", help="where to write comparison.md/.csv (default: the first directory)")
     parser.add_argument("--rare", type=int, default=2, help="report recall of the K rarest training classes")
     args = parser.parse_args(argv)
-    csv_path, md_path = write_comparison(args.multirun_dir, args.rare)
+    csv_path, md_path = write_comparison(args.multirun_dirs, args.rare, args.out)
     print(md_path.read_text())
     print(f"wrote {md_path} and {csv_path}")
 
