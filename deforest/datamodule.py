@@ -173,6 +173,9 @@ class TileDataModule(pl.LightningDataModule):
         self.index: TileIndex | None = None
         self.assignment: list[str] = []
         self.datasets: dict[str, TileDataset] = {}
+        #: set by ``setup("test"|"predict")``: a checkpoint brings the statistics, so the data
+        #: need no training or validation tiles (a test-only folder can be evaluated)
+        self.evaluation_only = False
 
     # ---- what the model needs to know -------------------------------------------------
     @property
@@ -196,6 +199,7 @@ class TileDataModule(pl.LightningDataModule):
     def setup(self, stage: str | None = None) -> None:
         if self.index is not None:
             return
+        self.evaluation_only = stage in ("test", "predict")
         index = self.layout.build_index()
         if len(index) == 0:
             raise DatasetError(f"{self.layout.root}: no tiles found")
@@ -285,6 +289,8 @@ class TileDataModule(pl.LightningDataModule):
         return ~is_train | (draw < per_sample)
 
     def _check_splits(self) -> None:
+        if self.evaluation_only:
+            return
         index = self._index()
         assignment = np.asarray(self.assignment)
         for split in ("train", "val"):
@@ -335,6 +341,9 @@ class TileDataModule(pl.LightningDataModule):
         if cached is not None:
             return cached["mean"], cached["std"]
         rows = [i for i, a in enumerate(self.assignment) if a == "train"]
+        if not rows and self.evaluation_only:
+            # identity statistics: evaluation normalises with the checkpoint's own
+            return [0.0] * self.num_bands, [1.0] * self.num_bands
         rng = np.random.default_rng(self.seed)
         if len(rows) > self.stats_max_samples:
             rows = sorted(rng.choice(rows, self.stats_max_samples, replace=False).tolist())

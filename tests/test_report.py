@@ -6,6 +6,7 @@ import csv
 import json
 import logging
 import re
+import shutil
 from pathlib import Path
 
 import matplotlib.image
@@ -160,6 +161,17 @@ def test_deforest_eval_reproduces_the_training_test_metrics(eurosat_run, tmp_pat
         assert written[key] == pytest.approx(metrics[key], abs=1e-6), key
     assert evaluated["test/confusion_matrix"] == metrics["test/confusion_matrix"]
     assert (tmp_path / "report.md").is_file() and (tmp_path / "training_curves.png").is_file()
+
+
+def test_deforest_eval_on_a_test_only_folder(eurosat_run, eurosat_root, tmp_path):
+    """A folder holding only test/ tiles: the checkpoint brings statistics, so no train/val needed."""
+    run_dir, metrics, _ = eurosat_run
+    shutil.copytree(eurosat_root / "test", tmp_path / "data" / "test")
+    cfg = _eval_config(run_dir, tmp_path / "out", metrics["best_checkpoint"], [f"data.root={tmp_path / 'data'}"])
+    evaluate(cfg)
+    written = json.loads((tmp_path / "out" / "metrics.json").read_text())
+    for key in ("test/accuracy", "test/f1_macro", "test/recall/Forest"):
+        assert written[key] == pytest.approx(metrics[key], abs=1e-6), key
 
 
 def test_deforest_eval_names_classes_the_checkpoint_does_not_know(eurosat_run, eurosat_root, tmp_path):
