@@ -195,6 +195,7 @@ def predict_scene(
     dtype: str = "uint8",
     cog: bool = False,
     tags: dict[str, str] | None = None,
+    gdal_cache_mb: int = 64,
 ) -> dict[str, object]:
     """Classify ``scene`` window by window and write the map to ``out``; returns a summary.
 
@@ -202,7 +203,28 @@ def predict_scene(
     ``full_resolution`` the output is on the scene's grid and overlapping windows are
     blended with a centre-weighted tent. Windows with more than ``max_nodata`` nodata are
     not classified; their pixels, and every nodata input pixel, are nodata in the output.
+
+    Each window is read once, so GDAL's block cache (5% of RAM by default) only grows
+    with the scene: ``gdal_cache_mb`` caps it, which keeps memory bounded by the batch.
     """
+    with rasterio.Env(GDAL_CACHEMAX=gdal_cache_mb * 1024**2):
+        return _predict_scene(model, spec, scene, out, stride, batch_size, full_resolution, max_nodata, dtype, cog, tags)
+
+
+def _predict_scene(
+    model: TileClassifier,
+    spec: ModelSpec,
+    scene: Scene,
+    out: str | os.PathLike,
+    stride: int | None = None,
+    batch_size: int = 256,
+    full_resolution: bool = False,
+    max_nodata: float = 0.5,
+    dtype: str = "uint8",
+    cog: bool = False,
+    tags: dict[str, str] | None = None,
+) -> dict[str, object]:
+    """The body of :func:`predict_scene`, run inside its GDAL cache limit."""
     check_bands(spec, scene.count, scene.name)
     tile, stride = spec.tile_size, stride or spec.tile_size
     if scene.crs is None:
