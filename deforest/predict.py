@@ -208,47 +208,30 @@ def predict_scene(
     with the scene: ``gdal_cache_mb`` caps it, which keeps memory bounded by the batch.
     """
     with rasterio.Env(GDAL_CACHEMAX=gdal_cache_mb * 1024**2):
-        return _predict_scene(model, spec, scene, out, stride, batch_size, full_resolution, max_nodata, dtype, cog, tags)
-
-
-def _predict_scene(
-    model: TileClassifier,
-    spec: ModelSpec,
-    scene: Scene,
-    out: str | os.PathLike,
-    stride: int | None = None,
-    batch_size: int = 256,
-    full_resolution: bool = False,
-    max_nodata: float = 0.5,
-    dtype: str = "uint8",
-    cog: bool = False,
-    tags: dict[str, str] | None = None,
-) -> dict[str, object]:
-    """The body of :func:`predict_scene`, run inside its GDAL cache limit."""
-    check_bands(spec, scene.count, scene.name)
-    tile, stride = spec.tile_size, stride or spec.tile_size
-    if scene.crs is None:
-        warnings.warn(f"{scene.name} has no CRS: the map is written without one", stacklevel=2)
-    out = Path(out)
-    target = out.with_suffix(".tmp.tif") if cog else out
-    tags = {"tile_size": str(tile), "stride": str(stride), "full_resolution": str(full_resolution), **(tags or {})}
-    if full_resolution:
-        if tile > min(scene.height, scene.width):
-            raise ValueError(f"{scene.name}: the scene ({scene.height}x{scene.width}) is smaller than the tile size {tile}")
-        writer = MapWriter(target, spec, scene, scene.width, scene.height, scene.transform, dtype, tags)
-        run = _full_resolution
-    else:
-        width, height = math.ceil(scene.width / stride), math.ceil(scene.height / stride)
-        writer = MapWriter(target, spec, scene, width, height, scene.transform @ Affine.scale(stride), dtype, tags)
-        run = _per_window
-    try:
-        counts = run(model, spec, scene, writer, stride, batch_size, max_nodata)
-    finally:
-        writer.close()
-    if cog:
-        rasterio.shutil.copy(target, out, driver="COG", compress="DEFLATE", blocksize=256)
-        target.unlink()
-    return {"out": str(out), "tile_size": tile, "stride": stride, **counts}
+        check_bands(spec, scene.count, scene.name)
+        tile, stride = spec.tile_size, stride or spec.tile_size
+        if scene.crs is None:
+            warnings.warn(f"{scene.name} has no CRS: the map is written without one", stacklevel=2)
+        out = Path(out)
+        target = out.with_suffix(".tmp.tif") if cog else out
+        tags = {"tile_size": str(tile), "stride": str(stride), "full_resolution": str(full_resolution), **(tags or {})}
+        if full_resolution:
+            if tile > min(scene.height, scene.width):
+                raise ValueError(f"{scene.name}: the scene ({scene.height}x{scene.width}) is smaller than the tile size {tile}")
+            writer = MapWriter(target, spec, scene, scene.width, scene.height, scene.transform, dtype, tags)
+            run = _full_resolution
+        else:
+            width, height = math.ceil(scene.width / stride), math.ceil(scene.height / stride)
+            writer = MapWriter(target, spec, scene, width, height, scene.transform @ Affine.scale(stride), dtype, tags)
+            run = _per_window
+        try:
+            counts = run(model, spec, scene, writer, stride, batch_size, max_nodata)
+        finally:
+            writer.close()
+        if cog:
+            rasterio.shutil.copy(target, out, driver="COG", compress="DEFLATE", blocksize=256)
+            target.unlink()
+        return {"out": str(out), "tile_size": tile, "stride": stride, **counts}
 
 
 def _read_padded(scene: Scene, bands: list[int], row0: int, col0: int, height: int, width: int) -> np.ndarray:
