@@ -30,6 +30,7 @@ from deforest.validation import (
     check_pixels,
     collate_tiles,
     fill_nodata,
+    nodata_fill,
     reference_header,
     valid_pixels,
 )
@@ -205,13 +206,13 @@ class TileDataModule(pl.LightningDataModule):
             raise DatasetError(f"{self.layout.root}: no tiles found")
         first = self._reference_header(index)
         self.nodata = first.nodata
+        self.source_band_count = self.layout.band_count(first.count)
         try:
-            self.bands = resolve_bands(self.band_selection, self.layout.band_names, self.layout.band_count(first.count))
+            self.bands = resolve_bands(self.band_selection, self.layout.band_names, self.source_band_count)
         except ValueError as err:
             raise DatasetError(
-                f"{self.layout.root}: the tiles have {self.layout.band_count(first.count)} bands; data.bands: {err}"
+                f"{self.layout.root}: the tiles have {self.source_band_count} bands; data.bands: {err}"
             ) from None
-        self.source_band_count = self.layout.band_count(first.count)
         groups = spatial_blocks(index, self.block_size) if self.split == "spatial" else None
         assignment = assign_splits(index, self.val_fraction, self.test_fraction, self.seed, groups)
         if self.imbalance:
@@ -227,7 +228,7 @@ class TileDataModule(pl.LightningDataModule):
         self._drop_bad_tiles()  # tiles that failed while measuring the statistics
         index, assignment = self.index, self.assignment
         # nodata pixels get the raw value that normalises to 0 (see deforest.validation)
-        fill = (np.expm1(self.band_mean) if self.log_scale else np.asarray(self.band_mean)).tolist()
+        fill = nodata_fill(self.band_mean, self.log_scale)
         augment = build_augmentation(self.augment_transforms, self.num_bands, self.tile_size)
         if augment is not None:
             augment.set_random_seed(self.seed)  # albumentations ignores the global seed

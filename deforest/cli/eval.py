@@ -21,6 +21,7 @@ from deforest.datamodule import TileDataModule
 from deforest.datasets import MULTICLASS, SPLITS, DatasetError
 from deforest.module import TileClassifier
 from deforest.report import report_on_split
+from deforest.validation import nodata_fill
 
 log = logging.getLogger(__name__)
 
@@ -83,8 +84,7 @@ def align_classes(datamodule: TileDataModule, split: str, model: TileClassifier)
             if name in known:
                 aligned[:, known[name]] = targets[:, column]
     dataset.targets = aligned
-    mean = np.asarray(model.hparams.band_mean)
-    dataset.fill = (np.expm1(mean) if model.hparams.log_scale else mean).tolist()
+    dataset.fill = nodata_fill(model.hparams.band_mean, model.hparams.log_scale)
 
 
 @hydra.main(version_base="1.3", config_path=CONFIG_PATH, config_name="eval")
