@@ -55,12 +55,23 @@ def build_backbone(
     small_tile_stem: bool = False,
     width: int = 32,
     dropout: float = 0.2,
+    input_pool: int = 1,
 ) -> nn.Module:
     """A classifier taking ``[N, in_channels, H, W]`` and returning ``[N, num_classes]`` logits.
 
     Weights start random: these machines have no model hub, and ImageNet RGB weights fit
-    13-band reflectance poorly anyway.
+    13-band reflectance poorly anyway. ``input_pool`` > 1 average-pools the tile by that
+    factor before the network.
     """
+    if input_pool < 1:
+        raise ValueError(f"input_pool must be >= 1, not {input_pool}")
+    net = _network(name, in_channels, num_classes, small_tile_stem, width, dropout)
+    return nn.Sequential(nn.AvgPool2d(input_pool), net) if input_pool > 1 else net
+
+
+def _network(
+    name: str, in_channels: int, num_classes: int, small_tile_stem: bool, width: int, dropout: float
+) -> nn.Module:
     if name == "small_cnn":
         return SmallCNN(in_channels, num_classes, width=width, dropout=dropout)
     if name in ("resnet18", "resnet34", "resnet50"):

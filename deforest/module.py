@@ -37,7 +37,7 @@ class TileClassifier(pl.LightningModule):
         band_mean, band_std, log_scale: input normalisation (see :class:`BandNormalizer`).
         bands, tile_size: what the model was trained on, kept for prediction.
         source_band_count: band count of the files trained on; prediction checks scenes by it.
-        backbone, small_tile_stem, width, dropout: see :func:`deforest.models.build_backbone`.
+        backbone, small_tile_stem, width, dropout, input_pool: see :func:`deforest.models.build_backbone`.
         loss: keyword arguments of :class:`DynamicWeightedLoss` (``scheme``, ``normalize``, ...).
         optimizer: ``optimizer(params)`` factory (a Hydra partial).
         scheduler: ``scheduler(optimizer, ...)`` factory; ``total_steps`` / ``T_max`` are
@@ -68,6 +68,7 @@ class TileClassifier(pl.LightningModule):
         small_tile_stem: bool = True,
         width: int = 32,
         dropout: float = 0.2,
+        input_pool: int = 1,
         loss: Mapping[str, Any] | None = None,
         optimizer: OptimizerFactory | None = None,
         scheduler: SchedulerFactory | None = None,
@@ -92,7 +93,9 @@ class TileClassifier(pl.LightningModule):
         self.class_names = list(class_names)
         num_classes = len(self.class_names)
         self.normalizer = BandNormalizer(band_mean, band_std, log_scale)
-        self.net = build_backbone(backbone, len(band_mean), num_classes, small_tile_stem, width, dropout)
+        self.net = build_backbone(
+            backbone, len(band_mean), num_classes, small_tile_stem, width, dropout, input_pool
+        )
         loss_options = dict(loss or {})
         self.criterion = DynamicWeightedLoss(task, num_classes, criterion=criterion, **loss_options)
         self.optimizer_factory = optimizer

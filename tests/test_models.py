@@ -30,3 +30,19 @@ def test_small_tile_stem_keeps_resolution():
 def test_unknown_backbone():
     with pytest.raises(ValueError, match="unknown backbone 'vgg11'"):
         build_backbone("vgg11", 3, 2)
+
+
+def test_input_pool_feeds_the_network_the_averaged_tile():
+    torch.manual_seed(0)
+    pooled = build_backbone("small_cnn", 13, 10, width=8, input_pool=2).eval()
+    pool, net = pooled
+    x = torch.rand(3, 13, 64, 64)
+    with torch.no_grad():
+        expected = net(torch.nn.functional.avg_pool2d(x, 2))
+        out = pooled(x)
+    assert isinstance(pool, torch.nn.AvgPool2d) and pool.kernel_size == 2
+    torch.testing.assert_close(out, expected)
+    assert out.shape == (3, 10)
+    with pytest.raises(ValueError, match="input_pool must be >= 1"):
+        build_backbone("small_cnn", 13, 10, input_pool=0)
+

@@ -45,6 +45,12 @@ def build_model(
         raise ValueError(f"model.task={task} but the data is {datamodule.task}")
     optimizer = instantiate(options.pop("optimizer"))
     scheduler = instantiate(options.pop("scheduler", None))
+    pooled = min(datamodule.tile_size) // options.get("input_pool", 1)
+    if options.get("input_pool", 1) > 1 and pooled < 32:
+        log.warning(
+            "model.input_pool=%s leaves %d px of the %s px tiles: set model.input_pool=1 for small or "
+            "coarse tiles (e.g. 16 px of 30 m Landsat)", options["input_pool"], pooled, min(datamodule.tile_size),
+        )
     loss = OmegaConf.to_container(loss_cfg, resolve=True)
     criterion = instantiate(loss.pop("criterion", None))
     return TileClassifier(
