@@ -38,7 +38,8 @@ def rondonia(scenes_root, tmp_path_factory):
         points = labels.points()
     run = tmp_path_factory.mktemp("rondonia-run")
     cfg = compose_train_config(
-        run, ["data=manifest", f"data.root={tiles}", "data.batch_size=8", "trainer.max_epochs=4", "model.width=16"]
+        run, ["data=manifest", f"data.root={tiles}", "data.batch_size=8", "trainer.max_epochs=4", "model.width=16",
+              "model.input_pool=1", "model.optimizer.lr=0.002"]
     )
     metrics = train(cfg)
     return {"scene": scene_path, "tiles": tiles, "points": points, "ckpt": metrics["best_checkpoint"]}

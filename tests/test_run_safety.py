@@ -55,10 +55,11 @@ def _diverging(train_config, policy: str):
 
 
 def test_nonfinite_loss_stops_naming_step_and_files(train_config):
+    cfg = _diverging(train_config, "error")
     with pytest.raises(FloatingPointError, match=r"non-finite training loss \(nan\) at global step 1, batch 1; files: ") as caught:
-        train(_diverging(train_config, "error"))
+        train(cfg)
     files = ast.literal_eval(str(caught.value).split("files: ", 1)[1])
-    assert len(files) == 32 and all(Path(f).is_file() and "/train/" in f for f in files)
+    assert len(files) == cfg.data.batch_size == 16 and all(Path(f).is_file() and "/train/" in f for f in files)
 
 
 class NaNPixel(pl.Callback):
