@@ -19,6 +19,7 @@ TRAIN_RULES: tuple[Rule, ...] = (
     ("data.num_workers", 0, True),
     ("data.stats_max_samples", 1, True),
     ("data.layout.size", 1, True),
+    ("model.input_pool", 1, True),
     ("model.optimizer.lr", 0, False),
     ("model.optimizer.weight_decay", 0, True),
     ("trainer.accumulate_grad_batches", 1, True),

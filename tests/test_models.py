@@ -45,4 +45,3 @@ def test_input_pool_feeds_the_network_the_averaged_tile():
     assert out.shape == (3, 10)
     with pytest.raises(ValueError, match="input_pool must be >= 1"):
         build_backbone("small_cnn", 13, 10, input_pool=0)
-

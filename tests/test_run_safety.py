@@ -28,8 +28,9 @@ REPO = Path(__file__).resolve().parents[1]
         (["model.optimizer.lr=-0.001"], r"model\.optimizer\.lr=-0\.001 must be > 0"),
         (["data.batch_size=0", "model.optimizer.lr=0"], r"data\.batch_size=0 must be >= 1; model\.optimizer\.lr=0 must be > 0"),
         (["data=bigearthnet", "data.root=.", "data.layout.size=0"], r"data\.layout\.size=0 must be >= 1"),
+        (["model.input_pool=0"], r"model\.input_pool=0 must be >= 1"),
     ],
-    ids=["batch-size-0", "negative-lr", "both-listed", "tile-size-0"],
+    ids=["batch-size-0", "negative-lr", "both-listed", "tile-size-0", "input-pool-0"],
 )
 def test_out_of_range_config_fails_before_reading_data(train_config, tmp_path, overrides, message):
     with pytest.raises(ConfigError, match=message):

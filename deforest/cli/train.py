@@ -45,11 +45,11 @@ def build_model(
         raise ValueError(f"model.task={task} but the data is {datamodule.task}")
     optimizer = instantiate(options.pop("optimizer"))
     scheduler = instantiate(options.pop("scheduler", None))
-    pooled = min(datamodule.tile_size) // options.get("input_pool", 1)
-    if options.get("input_pool", 1) > 1 and pooled < 32:
+    input_pool, tile = options.get("input_pool", 1), min(datamodule.tile_size)
+    if input_pool > 1 and tile // input_pool < 32:
         log.warning(
-            "model.input_pool=%s leaves %d px of the %s px tiles: set model.input_pool=1 for small or "
-            "coarse tiles (e.g. 16 px of 30 m Landsat)", options["input_pool"], pooled, min(datamodule.tile_size),
+            "model.input_pool=%d leaves %d px of the %d px tiles: set model.input_pool=1 for small or "
+            "coarse tiles (e.g. 16 px of 30 m Landsat)", input_pool, tile // input_pool, tile,
         )
     loss = OmegaConf.to_container(loss_cfg, resolve=True)
     criterion = instantiate(loss.pop("criterion", None))
