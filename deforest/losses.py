@@ -16,7 +16,7 @@ Design rules, all tested:
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.distributed as dist
@@ -213,9 +213,16 @@ class DynamicWeightedLoss(nn.Module):
         self.ema_total.mul_(keep).add_((1.0 - keep) * total)
         self.ema_steps.add_(1)
 
-    def forward(self, logits: Tensor, targets: Tensor) -> Tensor:
+    def forward(self, logits: Tensor | Sequence[Tensor], targets: Tensor) -> Tensor:
+        """The weighted loss; for several heads' logits, the mean of their losses under one
+        set of batch weights (stateful schemes such as ``ema`` see each batch once)."""
         weights, counts, total = self.weights(targets)
         self.last_counts, self.last_weights = counts.detach(), weights.detach()
+        if isinstance(logits, Tensor):
+            return self._weighted_loss(logits, targets, weights)
+        return torch.stack([self._weighted_loss(head, targets, weights) for head in logits]).mean()
+
+    def _weighted_loss(self, logits: Tensor, targets: Tensor, weights: Tensor) -> Tensor:
         if self.criterion is not None:
             return self.criterion(logits, targets, weights)
         if self.task == MULTICLASS:

@@ -19,7 +19,7 @@ from torch import Tensor
 from deforest.datasets import MULTICLASS, MULTILABEL
 from deforest.losses import Criterion, DynamicWeightedLoss
 from deforest.metrics import TUNING_BETAS, build_metrics, metric_inputs, tune_thresholds
-from deforest.models import build_backbone
+from deforest.models import BandStatistics, build_backbone
 from deforest.transforms import BandNormalizer, d4_views
 
 log = logging.getLogger(__name__)
@@ -38,6 +38,9 @@ class TileClassifier(pl.LightningModule):
         bands, tile_size: what the model was trained on, kept for prediction.
         source_band_count: band count of the files trained on; prediction checks scenes by it.
         backbone, small_tile_stem, width, dropout, input_pool: see :func:`deforest.models.build_backbone`.
+        band_statistics: add a linear head on per-band statistics
+            (:class:`deforest.models.BandStatistics`), trained beside the CNN with the same
+            loss; predictions average the two heads' logits.
         loss: keyword arguments of :class:`DynamicWeightedLoss` (``scheme``, ``normalize``, ...).
         optimizer: ``optimizer(params)`` factory (a Hydra partial).
         scheduler: ``scheduler(optimizer, ...)`` factory; ``total_steps`` / ``T_max`` are
@@ -69,6 +72,7 @@ class TileClassifier(pl.LightningModule):
         width: int = 32,
         dropout: float = 0.2,
         input_pool: int = 1,
+        band_statistics: bool = False,
         loss: Mapping[str, Any] | None = None,
         optimizer: OptimizerFactory | None = None,
         scheduler: SchedulerFactory | None = None,
@@ -96,6 +100,7 @@ class TileClassifier(pl.LightningModule):
         self.net = build_backbone(
             backbone, len(band_mean), num_classes, small_tile_stem, width, dropout, input_pool
         )
+        self.band_statistics = BandStatistics(len(band_mean), num_classes) if band_statistics else None
         loss_options = dict(loss or {})
         self.criterion = DynamicWeightedLoss(task, num_classes, criterion=criterion, **loss_options)
         self.optimizer_factory = optimizer
@@ -122,11 +127,17 @@ class TileClassifier(pl.LightningModule):
 
     # ---- forward ------------------------------------------------------------------------
     def forward(self, x: Tensor) -> Tensor:
-        """Logits for raw band values ``[N, C, H, W]``."""
+        """Logits for raw band values ``[N, C, H, W]``: the mean of the heads' logits."""
+        heads = self.head_logits(x)
+        return heads[0] if len(heads) == 1 else torch.stack(heads).mean(dim=0)
+
+    def head_logits(self, x: Tensor) -> list[Tensor]:
+        """Each head's logits: the network's, then the band-statistics head's if there is one."""
         x = self.normalizer(x)
-        if self.channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
-        return self.net(x)
+        heads = [self.net(x.contiguous(memory_format=torch.channels_last) if self.channels_last else x)]
+        if self.band_statistics is not None:
+            heads.append(self.band_statistics(x))
+        return heads
 
     def predict_proba(self, x: Tensor) -> Tensor:
         """Class probabilities (softmax) or label probabilities (sigmoid), with TTA if set."""
@@ -139,13 +150,14 @@ class TileClassifier(pl.LightningModule):
         if batch["target"].shape[0] == 0:  # every tile of the batch was a skipped bad tile
             return None
         # batch-norm statistics see a NaN batch in the forward pass: keep them to restore on skip
-        saved = [b.clone() for b in self.net.buffers()] if self.nonfinite_loss == "skip" else None
-        logits = self(batch["image"])
-        loss = self.criterion(logits, batch["target"])
+        saved = [b.clone() for b in self._head_buffers()] if self.nonfinite_loss == "skip" else None
+        heads = self.head_logits(batch["image"])
+        # each head learns from the same batch weights, as if trained alone
+        loss = self.criterion(heads, batch["target"])
         if not torch.isfinite(loss):  # one host sync per step, outside the loss path
             if saved is not None:
                 with torch.no_grad():
-                    for buffer, value in zip(self.net.buffers(), saved):
+                    for buffer, value in zip(self._head_buffers(), saved):
                         buffer.copy_(value)
                 log.warning(
                     "skipping non-finite training loss at global step %d, batch %d; files: %s",
@@ -165,6 +177,11 @@ class TileClassifier(pl.LightningModule):
             self.log(f"train/{name}_min", value.min(), on_step=False, on_epoch=True, reduce_fx="min", batch_size=n)
             self.log(f"train/{name}_max", value.max(), on_step=False, on_epoch=True, reduce_fx="max", batch_size=n)
         return loss
+
+    def _head_buffers(self) -> list[Tensor]:
+        """The heads' batch-norm statistics."""
+        heads = [self.net] if self.band_statistics is None else [self.net, self.band_statistics]
+        return [b for head in heads for b in head.buffers()]
 
     def _batch_files(self, batch: dict[str, Tensor]) -> list[str]:
         datamodule = getattr(self.trainer, "datamodule", None)

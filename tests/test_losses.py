@@ -122,6 +122,19 @@ def test_ema_smooths_counts_and_is_a_buffer():
     assert restored.ema_counts.tolist() == [1.5, 2.5]
 
 
+def test_several_heads_share_one_batch_weighting():
+    """A list of logits: the mean of the heads' losses, with the weights drawn from the batch once."""
+    torch.manual_seed(0)
+    targets = torch.tensor([0, 0, 0, 1, 2])
+    cnn, stats = torch.randn(5, 3), torch.randn(5, 3)
+    plain = DynamicWeightedLoss(MC, 3, scheme="inverse_count")
+    both = plain(cnn, targets) / 2 + plain(stats, targets) / 2
+    assert torch.allclose(plain([cnn, stats], targets), both)
+    ema = DynamicWeightedLoss(MC, 3, scheme="ema").train()
+    ema([cnn, stats], targets)
+    assert int(ema.ema_steps) == 1
+
+
 def test_ignore_index_left_out():
     logits = torch.randn(4, 3)
     y = torch.tensor([0, -100, 2, 2])

@@ -5,7 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from deforest.models import BACKBONES, build_backbone
+import numpy as np
+import rasterio
+
+from deforest.models import BACKBONES, BandStatistics, build_backbone
 
 
 @pytest.mark.parametrize("name", BACKBONES)
@@ -45,3 +48,29 @@ def test_input_pool_feeds_the_network_the_averaged_tile():
     assert out.shape == (3, 10)
     with pytest.raises(ValueError, match="input_pool must be >= 1"):
         build_backbone("small_cnn", 13, 10, input_pool=0)
+
+
+def test_band_statistics_by_hand_on_a_real_tile(eurosat_root):
+    """Mean, std, 10/50/90th percentiles and 1/2/4 px absolute differences, band by band."""
+    with rasterio.open(next((eurosat_root / "train" / "SeaLake").glob("*.tif"))) as src:
+        tile = np.log1p(src.read().astype(np.float64))  # [13, 64, 64]
+    features = BandStatistics.features(torch.as_tensor(tile)[None]).numpy()[0].reshape(-1, 13)
+    flat = np.sort(tile.reshape(13, -1), axis=1)
+    expected = [tile.mean(axis=(1, 2)), tile.std(axis=(1, 2))]
+    expected += [flat[:, round(q * (flat.shape[1] - 1))] for q in (0.1, 0.5, 0.9)]
+    for k in (1, 2, 4):
+        expected.append(np.abs(tile[:, k:] - tile[:, :-k]).mean(axis=(1, 2)))
+        expected.append(np.abs(tile[:, :, k:] - tile[:, :, :-k]).mean(axis=(1, 2)))
+    np.testing.assert_allclose(features, np.stack(expected), rtol=1e-10)
+    # the lake tile's near-infrared (B08) median lies below its green (B03) one
+    assert features[3, 7] < features[3, 2]
+
+
+def test_band_statistics_head_starts_neutral_and_scales_by_gain():
+    head = BandStatistics(4, 3, gain=30.0).eval()
+    x = torch.randn(5, 4, 8, 8)
+    assert torch.equal(head(x), torch.zeros(5, 3))
+    with torch.no_grad():
+        head.linear.bias.copy_(torch.tensor([1.0, 0.0, -1.0]))
+    assert torch.allclose(head(x)[0], torch.tensor([30.0, 0.0, -30.0]))
+    assert head.linear.in_features == 4 * 11

@@ -63,3 +63,17 @@ def test_unknown_config_key_is_rejected(train_config):
 
     with pytest.raises(ConfigCompositionException, match="learnig_rate"):
         train_config(["model.learnig_rate=0.1"])
+
+
+def test_band_statistics_head_trains_beside_the_cnn(train_config, tmp_path):
+    """The default small CNN carries the statistics head: predictions average both heads' logits."""
+    cfg = train_config(["trainer.max_epochs=2"])
+    assert cfg.model.band_statistics is True
+    metrics = train(cfg)
+    model = TileClassifier.load_from_checkpoint(metrics["best_checkpoint"], map_location="cpu").eval()
+    assert any(k.startswith("band_statistics.linear") for k in model.state_dict())
+    assert model.band_statistics.linear.weight.abs().sum() > 0  # moved from its zero start
+    tiles = torch.rand(3, 13, 64, 64) * 3000
+    with torch.no_grad():
+        cnn, stats = model.head_logits(tiles)
+        torch.testing.assert_close(model(tiles), (cnn + stats) / 2)
