@@ -51,7 +51,8 @@ class SmallCNN(nn.Module):
 class BandStatistics(nn.Module):
     """A linear classifier on per-band summary statistics: the spectral baseline beside the CNN.
 
-    Per band: mean, standard deviation, the 10th/50th/90th percentiles and the mean absolute
+    Per band: mean, standard deviation, the 10th/50th/90th percentiles (of about 256 pixels
+    on a regular grid) and the mean absolute
     difference between pixels 1, 2 and 4 px apart along each axis (texture at three scales).
     A linear model on such statistics is the classic land-cover baseline; trained from a few
     hundred tiles it errs on other tiles than a CNN does, so averaging the two heads' logits
@@ -63,6 +64,7 @@ class BandStatistics(nn.Module):
     """
 
     QUANTILES = (0.1, 0.5, 0.9)
+    PERCENTILE_PIXELS = 256
     OFFSETS = (1, 2, 4)
 
     def __init__(self, in_channels: int, num_classes: int, gain: float = 30.0) -> None:
@@ -78,11 +80,17 @@ class BandStatistics(nn.Module):
     def features(cls, x: torch.Tensor) -> torch.Tensor:
         """``[N, C * 11]`` statistics of normalised tiles ``[N, C, H, W]``."""
         values = x.flatten(2)
-        size = values.shape[2]
-        ranks = torch.tensor([round(q * (size - 1)) for q in cls.QUANTILES], device=x.device)
-        # sort rather than torch.quantile, which refuses inputs over 16M values (large batches)
-        quantiles = values.sort(dim=2).values.index_select(2, ranks)
-        stats = [values.mean(dim=2), values.std(dim=2, correction=0), *quantiles.unbind(dim=2)]
+        # percentiles from a regular grid of about 256 pixels: sorting every pixel of a 64 px
+        # tile cost as much as the CNN's training step; sort rather than torch.quantile,
+        # which refuses inputs over 16M values (large batches)
+        step = max(1, round((x.shape[2] * x.shape[3] / cls.PERCENTILE_PIXELS) ** 0.5))
+        grid = x[:, :, ::step, ::step].flatten(2)
+        ranks = torch.tensor([round(q * (grid.shape[2] - 1)) for q in cls.QUANTILES], device=x.device)
+        quantiles = grid.sort(dim=2).values.index_select(2, ranks)
+        mean = values.mean(dim=2)
+        # E[x^2] - E[x]^2: ten times faster than Tensor.std here, exact enough for normalised inputs
+        std = (values.square().mean(dim=2) - mean.square()).clamp(min=0).sqrt()
+        stats = [mean, std, *quantiles.unbind(dim=2)]
         for offset in cls.OFFSETS:
             dy, dx = min(offset, x.shape[2] - 1), min(offset, x.shape[3] - 1)
             stats.append((x[:, :, dy:] - x[:, :, : x.shape[2] - dy]).abs().mean(dim=(2, 3)))

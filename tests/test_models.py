@@ -55,13 +55,13 @@ def test_band_statistics_by_hand_on_a_real_tile(eurosat_root):
     with rasterio.open(next((eurosat_root / "train" / "SeaLake").glob("*.tif"))) as src:
         tile = np.log1p(src.read().astype(np.float64))  # [13, 64, 64]
     features = BandStatistics.features(torch.as_tensor(tile)[None]).numpy()[0].reshape(-1, 13)
-    flat = np.sort(tile.reshape(13, -1), axis=1)
+    flat = np.sort(tile[:, ::4, ::4].reshape(13, -1), axis=1)  # every 4th row and column: 256 px
     expected = [tile.mean(axis=(1, 2)), tile.std(axis=(1, 2))]
     expected += [flat[:, round(q * (flat.shape[1] - 1))] for q in (0.1, 0.5, 0.9)]
     for k in (1, 2, 4):
         expected.append(np.abs(tile[:, k:] - tile[:, :-k]).mean(axis=(1, 2)))
         expected.append(np.abs(tile[:, :, k:] - tile[:, :, :-k]).mean(axis=(1, 2)))
-    np.testing.assert_allclose(features, np.stack(expected), rtol=1e-10)
+    np.testing.assert_allclose(features, np.stack(expected), rtol=1e-6)
     # the lake tile's near-infrared (B08) median lies below its green (B03) one
     assert features[3, 7] < features[3, 2]
 
