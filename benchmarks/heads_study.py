@@ -28,6 +28,7 @@ import torch
 
 from deforest.losses import DynamicWeightedLoss
 from deforest.models import BandStatistics, build_backbone
+from deforest.splits import iterative_stratification
 from deforest.transforms import BandNormalizer, d4_views, random_d4
 
 REPO = Path(__file__).resolve().parents[1]
@@ -49,15 +50,10 @@ def load_sample(root: Path) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     return out
 
 
-def stratified(labels: torch.Tensor, parts: int, seed: int) -> torch.Tensor:
-    """A part number per tile, each class dealt round-robin in a seeded order."""
-    generator = torch.Generator().manual_seed(seed)
-    part = torch.empty_like(labels)
-    for c in labels.unique():
-        idx = torch.nonzero(labels == c)[:, 0]
-        idx = idx[torch.randperm(len(idx), generator=generator)]
-        part[idx] = torch.arange(len(idx)) % parts
-    return part
+def stratified(labels: torch.Tensor, fractions: dict[str, float], seed: int) -> np.ndarray:
+    """A key of ``fractions`` per tile, by the pipeline's own stratified split."""
+    one_hot = np.eye(int(labels.max()) + 1, dtype=bool)[labels.numpy()]
+    return iterative_stratification(one_hot, fractions, seed)
 
 
 def fit_and_score(
@@ -67,7 +63,8 @@ def fit_and_score(
     """Train both heads on ``train`` (less 10% held out per class), accuracy of each on ``evaluate``."""
     torch.manual_seed(seed)
     x, y = train
-    keep = stratified(y, 10, seed) != 0  # the pipeline's 10% validation share stays unused
+    # the pipeline's 10% validation share, carved as deforest-train carves it, stays unused
+    keep = torch.from_numpy(stratified(y, {"train": 0.9, "val": 0.1}, seed) == "train")
     x, y = x[keep], y[keep]
     logs = torch.log1p(x)
     normalizer = BandNormalizer(logs.mean(dim=(0, 2, 3)).tolist(), logs.std(dim=(0, 2, 3)).tolist(), log_scale=True)
@@ -121,7 +118,7 @@ def main() -> None:
     args = parser.parse_args()
     sample = load_sample(args.data)
     x, y = sample["train"]
-    fold_of = stratified(y, 4, 123)
+    fold_of = torch.from_numpy(stratified(y, {str(k): 0.25 for k in range(4)}, 123).astype(int))
     tasks = [] if args.no_test else [("test", -1)]
     tasks += [("cv", fold) for fold in args.folds]
     runs = []

@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import pytest
-import torch
-
 import numpy as np
+import pytest
 import rasterio
+import torch
 
 from deforest.models import BACKBONES, BandStatistics, build_backbone
 
