@@ -67,6 +67,10 @@ def _worker(rank: int, init_file: str, out_dir: str) -> None:
             loss_fn = _loss(task, scheme, normalize)
             grad = _gradient(model, loss_fn, x[SHARDS[rank]], y[SHARDS[rank]])
             torch.save({"grad": grad, "ema": loss_fn.ema_counts}, os.path.join(out_dir, f"{i}-{rank}.pt"))
+            # a DDP reducer still alive at process exit, or a rank leaving while the other still
+            # talks, aborted a worker now and then ("terminate called without an active exception")
+            del model
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 
