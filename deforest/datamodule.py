@@ -191,6 +191,15 @@ class TileDataModule(pl.LightningDataModule):
     def num_bands(self) -> int:
         return len(self.bands)
 
+    @property
+    def loaded_band_names(self) -> list[str] | None:
+        """Names of the loaded bands, in order; ``None`` when the data config's band names
+        do not describe these files (no names, or a different band count)."""
+        names = self.layout.band_names
+        if not names or len(names) != self.source_band_count:
+            return None
+        return [names[b - 1] for b in self.bands]
+
     def _index(self) -> TileIndex:
         if self.index is None:
             raise RuntimeError("call setup() first")

@@ -41,6 +41,8 @@ class TileClassifier(pl.LightningModule):
         band_statistics: add a linear head on per-band statistics
             (:class:`deforest.models.BandStatistics`), trained beside the CNN with the same
             loss; predictions average the two heads' logits.
+        network_bands: positions (0-based, among the loaded bands) of the bands the network
+            sees; ``None``: all. The band-statistics head always sees every band.
         loss: keyword arguments of :class:`DynamicWeightedLoss` (``scheme``, ``normalize``, ...).
         optimizer: ``optimizer(params)`` factory (a Hydra partial).
         scheduler: ``scheduler(optimizer, ...)`` factory; ``total_steps`` / ``T_max`` are
@@ -73,6 +75,7 @@ class TileClassifier(pl.LightningModule):
         dropout: float = 0.2,
         input_pool: int = 1,
         band_statistics: bool = False,
+        network_bands: Sequence[int] | None = None,
         loss: Mapping[str, Any] | None = None,
         optimizer: OptimizerFactory | None = None,
         scheduler: SchedulerFactory | None = None,
@@ -97,8 +100,17 @@ class TileClassifier(pl.LightningModule):
         self.class_names = list(class_names)
         num_classes = len(self.class_names)
         self.normalizer = BandNormalizer(band_mean, band_std, log_scale)
+        network_band_count = len(band_mean)
+        if network_bands is not None:
+            if not network_bands or not all(0 <= b < len(band_mean) for b in network_bands):
+                raise ValueError(f"network_bands {list(network_bands)} must be positions in 0..{len(band_mean) - 1}")
+            network_band_count = len(network_bands)
+            # a buffer, so the selection runs on the device without a host copy per step
+            self.register_buffer("network_bands", torch.as_tensor(list(network_bands)), persistent=False)
+        else:
+            self.network_bands = None
         self.net = build_backbone(
-            backbone, len(band_mean), num_classes, small_tile_stem, width, dropout, input_pool
+            backbone, network_band_count, num_classes, small_tile_stem, width, dropout, input_pool
         )
         self.band_statistics = BandStatistics(len(band_mean), num_classes) if band_statistics else None
         loss_options = dict(loss or {})
@@ -134,7 +146,8 @@ class TileClassifier(pl.LightningModule):
     def head_logits(self, x: Tensor) -> list[Tensor]:
         """Each head's logits: the network's, then the band-statistics head's if there is one."""
         x = self.normalizer(x)
-        heads = [self.net(x.contiguous(memory_format=torch.channels_last) if self.channels_last else x)]
+        x_net = x if self.network_bands is None else x.index_select(1, self.network_bands)
+        heads = [self.net(x_net.contiguous(memory_format=torch.channels_last) if self.channels_last else x_net)]
         if self.band_statistics is not None:
             heads.append(self.band_statistics(x))
         return heads

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from deforest.cli.train import train
+from deforest.cli.train import build_datamodule, network_band_positions, train
 from deforest.module import TileClassifier
 
 
@@ -77,3 +77,44 @@ def test_band_statistics_head_trains_beside_the_cnn(train_config, tmp_path):
     with torch.no_grad():
         cnn, stats = model.head_logits(tiles)
         torch.testing.assert_close(model(tiles), (cnn + stats) / 2)
+        # the CNN does not see the atmospheric bands B01, B09, B10; the statistics head does
+        assert model.hparams.network_bands == [1, 2, 3, 4, 5, 6, 7, 10, 11, 12]
+        hazy = tiles.clone()
+        hazy[:, [0, 8, 9]] *= 3
+        cnn_hazy, stats_hazy = model.head_logits(hazy)
+        torch.testing.assert_close(cnn_hazy, cnn)
+        assert not torch.allclose(stats_hazy, stats)
+        cnn_red, _ = model.head_logits(tiles * torch.tensor([1.0] * 3 + [3.0] + [1.0] * 9).view(1, 13, 1, 1))
+        assert not torch.allclose(cnn_red, cnn)  # B04 (red) does reach it
+
+
+@pytest.mark.parametrize(
+    ("overrides", "expected"),
+    [
+        ([], [1, 2, 3, 4, 5, 6, 7, 10, 11, 12]),  # EuroSAT: B01 B02 ... B10 B11 B12 B8A
+        (["data.bands=[B04,B10,B08]"], [0, 2]),
+        (["data.bands=[B04,B03,B02]"], None),  # nothing to exclude: every band
+        (["data.layout.band_names=null"], None),  # no names: the list cannot apply
+        (["data=bigearthnet"], "bigearthnet"),
+    ],
+)
+def test_network_band_exclusion_follows_band_names(train_config, bigearthnet_root, overrides, expected):
+    if expected == "bigearthnet":  # 12 bands, no B10: only B01 and B09 go
+        overrides = overrides + [f"data.root={bigearthnet_root}"]
+    cfg = train_config(overrides)
+    datamodule = build_datamodule(cfg.data)
+    datamodule.setup("fit")
+    positions = network_band_positions(list(cfg.model.network_exclude_bands), datamodule)
+    if expected == "bigearthnet":
+        names = datamodule.loaded_band_names
+        assert len(names) == 12 and [names[i] for i in positions] == [n for n in names if n not in ("B01", "B09")]
+    else:
+        assert positions == expected
+
+
+def test_network_band_exclusion_must_leave_a_band(train_config):
+    cfg = train_config(["data.bands=[B01,B09]"])
+    datamodule = build_datamodule(cfg.data)
+    datamodule.setup("fit")
+    with pytest.raises(ValueError, match=r"leaves the network none of the bands \['B01', 'B09'\]"):
+        network_band_positions(["B01", "B09", "B10"], datamodule)

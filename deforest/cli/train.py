@@ -51,6 +51,7 @@ def build_model(
             "model.input_pool=%d leaves %d px of the %d px tiles: set model.input_pool=1 for small or "
             "coarse tiles (e.g. 16 px of 30 m Landsat)", input_pool, tile // input_pool, tile,
         )
+    network_bands = network_band_positions(options.pop("network_exclude_bands", None), datamodule)
     loss = OmegaConf.to_container(loss_cfg, resolve=True)
     criterion = instantiate(loss.pop("criterion", None))
     return TileClassifier(
@@ -67,8 +68,27 @@ def build_model(
         scheduler=scheduler,
         criterion=criterion,
         tune_thresholds=tune_thresholds,
+        network_bands=network_bands,
         **options,
     )
+
+
+def network_band_positions(exclude: list[str] | None, datamodule: TileDataModule) -> list[int] | None:
+    """Positions among the loaded bands that the network sees: all but the ``exclude`` names.
+
+    ``None`` (every band) when nothing is excluded or the data has no band names; names
+    the data lacks are ignored, so one model config suits Sentinel-2 and other sensors.
+    """
+    names = datamodule.loaded_band_names
+    if not exclude or names is None:
+        return None
+    positions = [i for i, name in enumerate(names) if name not in exclude]
+    if not positions:
+        raise ValueError(f"model.network_exclude_bands={exclude} leaves the network none of the bands {names}")
+    if len(positions) == len(names):
+        return None
+    log.info("the network sees bands %s (model.network_exclude_bands=%s)", [names[i] for i in positions], exclude)
+    return positions
 
 
 def _instantiate_group(group: DictConfig | None) -> list[Any]:
