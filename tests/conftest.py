@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pytest
@@ -11,16 +10,7 @@ from omegaconf import DictConfig, open_dict
 
 REPO = Path(__file__).resolve().parents[1]
 SAMPLE = REPO / "data" / "eurosat-ms"
-SHARED_DATA = Path(os.environ.get("DEFOREST_SHARED_DATA", REPO.parent / "shared" / "data"))
-
-
-def _shared(sub: str) -> Path:
-    path = SHARED_DATA / sub
-    if not path.exists():
-        if os.environ.get("CI"):
-            pytest.fail(f"real test data {path} is missing (CI expects ../shared beside the clone)")
-        pytest.skip(f"real test data {path} not present")
-    return path
+DATA = REPO / "data"
 
 
 @pytest.fixture(scope="session")
@@ -31,12 +21,14 @@ def eurosat_root() -> Path:
 
 @pytest.fixture(scope="session")
 def bigearthnet_root() -> Path:
-    return _shared("bigearthnet-s2")
+    """44 real BigEarthNet-S2 patches shipped in ``data/bigearthnet-s2``."""
+    return DATA / "bigearthnet-s2"
 
 
 @pytest.fixture(scope="session")
 def scenes_root() -> Path:
-    return _shared("scenes")
+    """The real Landsat/Sentinel scenes shipped in ``data/scenes``."""
+    return DATA / "scenes"
 
 
 def compose_train_config(tmp_path: Path, overrides: list[str] | None = None) -> DictConfig:
