@@ -19,7 +19,15 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from deforest.datasets import MULTICLASS, SPLITS, DatasetError, TileIndex, TileLayout, describe_split_counts
+from deforest.datasets import (
+    MULTICLASS,
+    SPLITS,
+    DatasetError,
+    TileIndex,
+    TileLayout,
+    apply_split_lists,
+    describe_split_counts,
+)
 from deforest.io import RasterHeader, TileError, file_fingerprint, read_header, resolve_bands
 from deforest.pack import PackedLayout
 from deforest.splits import assign_splits, spatial_blocks
@@ -117,6 +125,9 @@ class TileDataModule(pl.LightningDataModule):
             (same samples, splits and augmentation); a stale pack is an error.
         device_flips: random flips/rotations of each training batch after it reached the
             device (GPU), instead of augmenting in the DataLoader workers (then ``augment=[]``).
+        split_files: ``{train: path, val: path, test: path}``: lists of sample names that set
+            the splits (TorchGeo's ``eurosat-train.txt`` ...); unlisted samples are left out
+            (:func:`deforest.datasets.apply_split_lists`).
     """
 
     def __init__(
@@ -141,6 +152,7 @@ class TileDataModule(pl.LightningDataModule):
         on_bad_tile: str = "error",
         packed: str | None = None,
         device_flips: bool = False,
+        split_files: Mapping[str, str] | None = None,
     ) -> None:
         super().__init__()
         if batch_size < 1:
@@ -171,6 +183,7 @@ class TileDataModule(pl.LightningDataModule):
         self.imbalance = dict(imbalance) if imbalance else None
         self.validate = validate
         self.device_flips = device_flips
+        self.split_files = dict(split_files) if split_files else None
         self.index: TileIndex | None = None
         self.assignment: list[str] = []
         self.datasets: dict[str, TileDataset] = {}
@@ -211,6 +224,8 @@ class TileDataModule(pl.LightningDataModule):
             return
         self.evaluation_only = stage in ("test", "predict")
         index = self.layout.build_index()
+        if self.split_files and len(index):
+            index = apply_split_lists(index, self.split_files)
         if len(index) == 0:
             raise DatasetError(f"{self.layout.root}: no tiles found")
         first = self._reference_header(index)

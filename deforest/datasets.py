@@ -8,14 +8,17 @@ from __future__ import annotations
 
 import csv
 import json
+import logging
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 from deforest.io import TileError, read_raster
+
+log = logging.getLogger(__name__)
 
 TILE_SUFFIXES = (".tif", ".tiff")
 SPLITS = ("train", "val", "test")
@@ -47,6 +50,18 @@ class TileIndex:
     @property
     def num_classes(self) -> int:
         return len(self.class_names)
+
+    def select(self, rows: Sequence[int], splits: Sequence[str | None] | None = None) -> TileIndex:
+        """The samples at ``rows`` (with new given ``splits`` if passed)."""
+        rows = list(rows)
+        return TileIndex(
+            self.task,
+            self.class_names,
+            [self.sources[i] for i in rows],
+            self.targets[rows],
+            list(splits) if splits is not None else [self.splits[i] for i in rows],
+            {k: [v[i] for i in rows] for k, v in self.meta.items()},
+        )
 
     def one_hot(self) -> np.ndarray:
         """Targets as ``[N, C]`` indicators, whatever the task."""
@@ -192,8 +207,78 @@ class ManifestLayout(TileLayout):
         return rows
 
 
+def sample_name(source: str) -> str:
+    """How split lists name a sample: its file or folder name without extension
+    (TorchGeo's EuroSAT lists say ``Forest_1.jpg`` for ``Forest_1.tif``)."""
+    return Path(source).stem
+
+
+def read_name_list(path: str | Path) -> list[str]:
+    """Sample names, one a line: the first comma-separated field, without extension.
+
+    Reads TorchGeo's EuroSAT split files and BigEarthNet's split and exclusion CSVs
+    (``S2_patch[,S1_patch]`` lines, no header).
+    """
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise DatasetError(f"{path}: split/exclusion list not found")
+    try:
+        lines = path.read_text(encoding="utf-8-sig").splitlines()
+    except UnicodeDecodeError as err:
+        raise DatasetError(f"{path}: not UTF-8 text ({err.reason} at byte {err.start})") from None
+    return [Path(line.split(",")[0].strip()).stem for line in lines if line.strip()]
+
+
+def apply_split_lists(
+    index: TileIndex, split_files: Mapping[str, str] | None = None, exclude_files: Sequence[str] | None = None
+) -> TileIndex:
+    """Give samples the split their list names and drop the excluded ones.
+
+    With ``split_files`` (``{train: path, val: path, test: path}``, any of them), samples in
+    no list are left out, as in the official protocols; listed names missing from the data
+    are counted in the log (a partial copy still runs). A name in two lists is an error.
+    """
+    keep = np.ones(len(index), bool)
+    names = [sample_name(s) for s in index.sources]
+    for path in exclude_files or []:
+        excluded = set(read_name_list(path))
+        hit = np.asarray([n in excluded for n in names], bool)
+        log.info("%s: %d of %d samples excluded", path, int((hit & keep).sum()), len(index))
+        keep &= ~hit
+    splits = list(index.splits)
+    if split_files:
+        unknown = set(split_files) - set(SPLITS)
+        if unknown:
+            raise DatasetError(f"split lists are for {list(SPLITS)}, not {sorted(unknown)}")
+        lookup = {n: i for i, n in enumerate(names)}
+        given: dict[int, str] = {}
+        owner: dict[str, str] = {}
+        for split, path in split_files.items():
+            listed = read_name_list(path)
+            for name in listed:
+                if name in owner and owner[name] != str(path):
+                    raise DatasetError(f"{path}: {name} is also listed in {owner[name]}")
+                owner[name] = str(path)
+            rows = [lookup[n] for n in listed if n in lookup]
+            if len(rows) < len(listed):
+                absent = next(n for n in listed if n not in lookup)
+                log.warning("%s: %d of %d listed samples are not in the data (e.g. %s)", path, len(listed) - len(rows), len(listed), absent)
+            given.update((r, split) for r in rows)
+        unlisted = int(sum(1 for i in range(len(index)) if keep[i] and i not in given))
+        if unlisted:
+            log.info("%d samples are in no split list and are left out", unlisted)
+        keep &= np.asarray([i in given for i in range(len(index))], bool)
+        splits = [given.get(i) for i in range(len(index))]
+    rows = np.flatnonzero(keep)
+    if len(rows) == 0:
+        raise DatasetError(f"{index.sources[0] if index.sources else 'the data'}: no sample left after the split/exclusion lists")
+    return index.select(rows.tolist(), [splits[i] for i in rows])
+
+
 # BigEarthNet-S2 v1: CORINE Land Cover level-3 classes (43) and the 19-class nomenclature
-# of Sumbul et al. 2021 (BigEarthNet-MM), which merges or drops the ambiguous ones.
+# of Sumbul et al. 2021 (BigEarthNet-MM), which merges or drops the ambiguous ones. The 43 are
+# the official label list (label_indices.json of BigEarthNet-S2_19-classes_models; TorchGeo's
+# BigEarthNet.class_sets[43]): CORINE's "Glaciers and perpetual snow" (335) is not among them.
 BIGEARTHNET_43 = [
     "Continuous urban fabric", "Discontinuous urban fabric", "Industrial or commercial units",
     "Road and rail networks and associated land", "Port areas", "Airports",
@@ -205,7 +290,7 @@ BIGEARTHNET_43 = [
     "Agro-forestry areas", "Broad-leaved forest", "Coniferous forest", "Mixed forest",
     "Natural grassland", "Moors and heathland", "Sclerophyllous vegetation",
     "Transitional woodland/shrub", "Beaches, dunes, sands", "Bare rock",
-    "Sparsely vegetated areas", "Burnt areas", "Glaciers and perpetual snow", "Inland marshes",
+    "Sparsely vegetated areas", "Burnt areas", "Inland marshes",
     "Peatbogs", "Salt marshes", "Salines", "Intertidal flats", "Water courses", "Water bodies",
     "Coastal lagoons", "Estuaries", "Sea and ocean",
 ]
@@ -255,6 +340,11 @@ class BigEarthNetLayout(TileLayout):
     ``nomenclature`` is 43 (CORINE labels as stored) or 19 (merged classes; patches whose
     labels all map to nothing get an all-negative row). ``drop_absent_classes`` keeps only
     the classes that occur in this copy of the dataset.
+
+    The official protocol (Sumbul et al. 2021): ``split_csvs`` (``{train, val, test}``: the
+    published ``train.csv``/``val.csv``/``test.csv``) give each patch its split and leave
+    unlisted patches out; ``exclude_csvs`` (``patches_with_cloud_and_shadow.csv``,
+    ``patches_with_seasonal_snow.csv``) drop the patches they list.
     """
 
     band_names = BIGEARTHNET_BANDS
@@ -265,8 +355,12 @@ class BigEarthNetLayout(TileLayout):
         nomenclature: int = 43,
         size: int = 120,
         drop_absent_classes: bool = True,
+        split_csvs: Mapping[str, str] | None = None,
+        exclude_csvs: Sequence[str] | None = None,
     ) -> None:
         super().__init__(root)
+        self.split_csvs = dict(split_csvs) if split_csvs else None
+        self.exclude_csvs = list(exclude_csvs) if exclude_csvs else None
         if nomenclature not in (19, 43):
             raise DatasetError(f"BigEarthNet nomenclature must be 19 or 43, not {nomenclature}")
         self.nomenclature = nomenclature
@@ -277,6 +371,12 @@ class BigEarthNetLayout(TileLayout):
         patches = sorted(p for p in self.root.iterdir() if p.is_dir() and not p.name.startswith("."))
         if not patches:
             raise DatasetError(f"{self.root}: no BigEarthNet patch folders found")
+        if self.split_csvs or self.exclude_csvs:  # before reading labels: 590,000 JSONs otherwise
+            listed = TileIndex(MULTILABEL, [], [str(p) for p in patches], np.zeros(len(patches)), [None] * len(patches))
+            listed = apply_split_lists(listed, self.split_csvs, self.exclude_csvs)
+            patches, given = [Path(s) for s in listed.sources], listed.splits
+        else:
+            given = [None] * len(patches)
         names = BIGEARTHNET_43 if self.nomenclature == 43 else BIGEARTHNET_19
         lookup = {n: i for i, n in enumerate(names)}
         targets = np.zeros((len(patches), len(names)), np.uint8)
@@ -298,7 +398,7 @@ class BigEarthNetLayout(TileLayout):
             [names[k] for k in keep],
             [str(p) for p in patches],
             targets[:, keep],
-            [None] * len(patches),
+            list(given),
         )
 
     def _labels(self, patch: Path) -> list[str]:

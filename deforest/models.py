@@ -111,14 +111,25 @@ def build_backbone(
 ) -> nn.Module:
     """A classifier taking ``[N, in_channels, H, W]`` and returning ``[N, num_classes]`` logits.
 
-    Weights start random: these machines have no model hub, and ImageNet RGB weights fit
-    13-band reflectance poorly anyway. ``input_pool`` > 1 average-pools the tile by that
-    factor before the network.
+    Weights start random; :func:`deforest.weights.load_pretrained` loads pretrained ones.
+    ``input_pool`` > 1 average-pools the tile by that factor before the network.
     """
     if input_pool < 1:
         raise ValueError(f"input_pool must be >= 1, not {input_pool}")
     net = _network(name, in_channels, num_classes, small_tile_stem, width, dropout)
     return nn.Sequential(nn.AvgPool2d(input_pool), net) if input_pool > 1 else net
+
+
+def backbone_modules(net: nn.Module) -> nn.ModuleList:
+    """Every top-level part of a :func:`build_backbone` network but its classifier head.
+
+    What fine-tuning freezes (``BackboneFinetuning``, ``model.freeze_backbone``) and what
+    ``model.backbone_lr_multiplier`` applies to; a fresh list each call, so the parts
+    are not registered twice in the module's state dict.
+    """
+    inner = net[1] if isinstance(net, nn.Sequential) and isinstance(net[0], nn.AvgPool2d) else net
+    head = next(getattr(inner, name) for name in ("fc", "classifier", "head") if hasattr(inner, name))
+    return nn.ModuleList(child for child in inner.children() if child is not head)
 
 
 def _network(

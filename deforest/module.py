@@ -12,6 +12,7 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import lightning.pytorch as pl
+from lightning.pytorch.callbacks import BaseFinetuning
 import numpy as np
 import torch
 from torch import Tensor
@@ -19,7 +20,7 @@ from torch import Tensor
 from deforest.datasets import MULTICLASS, MULTILABEL
 from deforest.losses import Criterion, DynamicWeightedLoss
 from deforest.metrics import TUNING_BETAS, build_metrics, metric_inputs, tune_thresholds
-from deforest.models import BandStatistics, build_backbone
+from deforest.models import BandStatistics, backbone_modules, build_backbone
 from deforest.transforms import BandNormalizer, d4_views
 
 log = logging.getLogger(__name__)
@@ -34,8 +35,11 @@ class TileClassifier(pl.LightningModule):
     Args:
         task: ``multiclass`` or ``multilabel``.
         class_names: one per output.
-        band_mean, band_std, log_scale: input normalisation (see :class:`BandNormalizer`).
+        band_mean, band_std, log_scale: input normalisation (see :class:`BandNormalizer`):
+            the data's statistics, or the pretrained weights' own scaling
+            (:func:`deforest.weights.input_normalization`); ``normalization_source`` says which.
         bands, tile_size: what the model was trained on, kept for prediction.
+        band_names: names of the loaded bands (``None`` when the data has none).
         source_band_count: band count of the files trained on; prediction checks scenes by it.
         backbone, small_tile_stem, width, dropout, input_pool: see :func:`deforest.models.build_backbone`.
         band_statistics: add a linear head on per-band statistics
@@ -43,6 +47,10 @@ class TileClassifier(pl.LightningModule):
             loss; predictions average the two heads' logits.
         network_bands: positions (0-based, among the loaded bands) of the bands the network
             sees; ``None``: all. The band-statistics head always sees every band.
+        pretrained: where the network's weights started (:func:`deforest.weights.band_plan`:
+            weights name, band-to-kernel mapping); a record, nothing is loaded from it.
+        freeze_backbone: keep everything but the classifier head frozen (a linear probe).
+        backbone_lr_multiplier: the backbone's learning rate is the optimizer's times this.
         loss: keyword arguments of :class:`DynamicWeightedLoss` (``scheme``, ``normalize``, ...).
         optimizer: ``optimizer(params)`` factory (a Hydra partial).
         scheduler: ``scheduler(optimizer, ...)`` factory; ``total_steps`` / ``T_max`` are
@@ -69,6 +77,8 @@ class TileClassifier(pl.LightningModule):
         bands: Sequence[int] | None = None,
         tile_size: Sequence[int] | None = None,
         source_band_count: int | None = None,
+        band_names: Sequence[str] | None = None,
+        normalization_source: str = "data statistics",
         backbone: str = "small_cnn",
         small_tile_stem: bool = True,
         width: int = 32,
@@ -76,6 +86,9 @@ class TileClassifier(pl.LightningModule):
         input_pool: int = 1,
         band_statistics: bool = False,
         network_bands: Sequence[int] | None = None,
+        pretrained: Mapping[str, Any] | None = None,
+        freeze_backbone: bool = False,
+        backbone_lr_multiplier: float = 1.0,
         loss: Mapping[str, Any] | None = None,
         optimizer: OptimizerFactory | None = None,
         scheduler: SchedulerFactory | None = None,
@@ -113,6 +126,10 @@ class TileClassifier(pl.LightningModule):
             backbone, network_band_count, num_classes, small_tile_stem, width, dropout, input_pool
         )
         self.band_statistics = BandStatistics(len(band_mean), num_classes) if band_statistics else None
+        if backbone_lr_multiplier <= 0:
+            raise ValueError(f"model.backbone_lr_multiplier must be > 0, not {backbone_lr_multiplier}")
+        self.freeze_backbone = freeze_backbone
+        self.backbone_lr_multiplier = backbone_lr_multiplier
         loss_options = dict(loss or {})
         self.criterion = DynamicWeightedLoss(task, num_classes, criterion=criterion, **loss_options)
         self.optimizer_factory = optimizer
@@ -131,6 +148,11 @@ class TileClassifier(pl.LightningModule):
         self._outputs: dict[str, list[dict[str, Tensor]]] = {"val": [], "test": []}
         #: The last val/test epoch's ``probs``, ``target`` and dataset ``index`` (on the CPU), for reports.
         self.predictions: dict[str, dict[str, Tensor]] = {}
+
+    @property
+    def backbone(self) -> torch.nn.ModuleList:
+        """The network without its classifier head (what fine-tuning freezes)."""
+        return backbone_modules(self.net)
 
     # ---- metrics ------------------------------------------------------------------------
     def _metrics(self) -> torch.nn.ModuleDict:
@@ -273,6 +295,11 @@ class TileClassifier(pl.LightningModule):
             self.net.compile(**self.compile_options)  # in place: state_dict keys stay the same
 
     # ---- fit hooks ----------------------------------------------------------------------
+    def setup(self, stage: str) -> None:
+        """A linear probe freezes the backbone, batch norm included, before the optimizer is built."""
+        if stage == "fit" and self.freeze_backbone:
+            BaseFinetuning.freeze(self.backbone, train_bn=False)
+
     def on_train_start(self) -> None:
         """``static`` weighting takes the whole training split's label counts, once."""
         if self.criterion.scheme != "static":
@@ -287,13 +314,15 @@ class TileClassifier(pl.LightningModule):
     def configure_optimizers(self) -> Any:
         if self.optimizer_factory is None:
             raise ValueError("no optimizer configured (model.optimizer)")
-        optimizer = self.optimizer_factory(params=self.parameters())
+        optimizer = self.optimizer_factory(params=self._param_groups())
         if self.scheduler_factory is None:
             return optimizer
         kwargs: dict[str, Any] = {}
         target = getattr(self.scheduler_factory, "func", self.scheduler_factory)
         params = inspect.signature(target).parameters
         given = getattr(self.scheduler_factory, "keywords", {})
+        if len(optimizer.param_groups) > 1 and "max_lr" in given:  # OneCycleLR: one peak per group
+            kwargs["max_lr"] = [given["max_lr"] * g.get("lr_scale", 1.0) for g in optimizer.param_groups]
         steps = int(self.trainer.estimated_stepping_batches)
         if self.scheduler_interval == "epoch":
             steps = int(self.trainer.max_epochs or 1)
@@ -302,3 +331,21 @@ class TileClassifier(pl.LightningModule):
                 kwargs[name] = steps
         scheduler = self.scheduler_factory(optimizer, **kwargs)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": self.scheduler_interval}}
+
+    def _param_groups(self) -> Any:
+        """All parameters; with ``backbone_lr_multiplier`` two groups, the backbone's at the scaled rate.
+
+        Frozen parameters stay in the optimizer (they have no gradient, so it skips them):
+        ``BackboneFinetuning`` unfreezes them later without adding a group.
+        """
+        if self.backbone_lr_multiplier == 1.0:
+            return self.parameters()
+        lr = getattr(self.optimizer_factory, "keywords", {}).get("lr")
+        if lr is None:
+            raise ValueError("model.backbone_lr_multiplier needs model.optimizer.lr")
+        backbone = {id(p) for p in self.backbone.parameters()}
+        scale = self.backbone_lr_multiplier
+        return [
+            {"params": [p for p in self.parameters() if id(p) not in backbone], "lr": lr, "lr_scale": 1.0},
+            {"params": [p for p in self.parameters() if id(p) in backbone], "lr": lr * scale, "lr_scale": scale},
+        ]

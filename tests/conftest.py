@@ -39,7 +39,7 @@ def compose_train_config(tmp_path: Path, overrides: list[str] | None = None) -> 
         f"paths.cache_dir={tmp_path / 'cache'}",
         "trainer.max_epochs=1",
         "trainer.enable_progress_bar=false",
-        "model.width=8",
+        "++model.width=8",  # small_cnn's setting; the other backbones ignore it
         "model.tta=false",
         "data.num_workers=0",
     ]

@@ -15,11 +15,13 @@ from omegaconf import DictConfig, OmegaConf
 from deforest.cli.errors import exit_on_user_error
 from deforest.config_checks import TRAIN_RULES, check_ranges
 from deforest.datamodule import TileDataModule
+from deforest.finetuning import BackboneFinetuning
 from deforest.hydra_ddp import ddp_children_join_this_job
 from deforest.module import TileClassifier
 from deforest.progress import progress_callbacks
 from deforest.report import report_on_split
 from deforest.transforms import AugmentationError
+from deforest.weights import WeightsError, band_plan, input_normalization, load_pretrained, resolve_weights
 
 log = logging.getLogger(__name__)
 
@@ -38,8 +40,14 @@ def build_datamodule(data_cfg: DictConfig) -> TileDataModule:
 def build_model(
     model_cfg: DictConfig, loss_cfg: DictConfig, datamodule: TileDataModule, tune_thresholds: str | None = None
 ) -> TileClassifier:
-    """The classifier, sized and normalised from what the datamodule found."""
+    """The classifier, sized and normalised from what the datamodule found, and started from
+    ``model.weights`` when given (its bands matched by name, its input scaling kept)."""
     options = OmegaConf.to_container(model_cfg, resolve=True)
+    options.pop("unfreeze_backbone_at_epoch", None)  # a callback, see build_trainer
+    backbone = options.get("backbone", "small_cnn")
+    weights = resolve_weights(
+        options.pop("weights", None), backbone, options.pop("weights_bands", None), options.pop("weights_normalization", None)
+    )
     task = options.pop("task", None) or datamodule.task
     if task != datamodule.task:
         raise ValueError(f"model.task={task} but the data is {datamodule.task}")
@@ -52,17 +60,28 @@ def build_model(
             "coarse tiles (e.g. 16 px of 30 m Landsat)", input_pool, tile // input_pool, tile,
         )
     network_bands = network_band_positions(options.pop("network_exclude_bands", None), datamodule)
+    names = datamodule.loaded_band_names
+    plan = None
+    if weights is not None:
+        network_names = names if names is None or network_bands is None else [names[i] for i in network_bands]
+        plan = band_plan(weights, network_names, len(network_bands) if network_bands else datamodule.num_bands)
+    norm = input_normalization(weights, names, datamodule.band_mean, datamodule.band_std, datamodule.log_scale)
+    if weights is not None:
+        log.info("input normalisation: %s", norm.source)
     loss = OmegaConf.to_container(loss_cfg, resolve=True)
     criterion = instantiate(loss.pop("criterion", None))
-    return TileClassifier(
+    model = TileClassifier(
         task=task,
         class_names=datamodule.class_names,
-        band_mean=datamodule.band_mean,
-        band_std=datamodule.band_std,
-        log_scale=datamodule.log_scale,
+        band_mean=norm.mean,
+        band_std=norm.std,
+        log_scale=norm.log_scale,
+        normalization_source=norm.source,
         bands=datamodule.bands,
+        band_names=names,
         tile_size=list(datamodule.tile_size),
         source_band_count=datamodule.source_band_count,
+        pretrained=plan,
         loss=loss,
         optimizer=optimizer,
         scheduler=scheduler,
@@ -71,6 +90,9 @@ def build_model(
         network_bands=network_bands,
         **options,
     )
+    if weights is not None:
+        load_pretrained(model.net, weights, plan, backbone, options.get("small_tile_stem", True))
+    return model
 
 
 def network_band_positions(exclude: list[str] | None, datamodule: TileDataModule) -> list[int] | None:
@@ -138,9 +160,11 @@ def build_trainer(cfg: DictConfig) -> pl.Trainer:
     """The trainer with the configured callbacks and loggers, and a progress display that
     suits the output (rich bar on a terminal, log lines otherwise)."""
     progress, show_bar = progress_callbacks(cfg.trainer.get("enable_progress_bar", True))
+    unfreeze_at = cfg.model.get("unfreeze_backbone_at_epoch")
+    finetuning = [BackboneFinetuning(unfreeze_at)] if unfreeze_at is not None else []
     return instantiate(
         cfg.trainer,
-        callbacks=_instantiate_group(cfg.get("callbacks")) + progress,
+        callbacks=_instantiate_group(cfg.get("callbacks")) + finetuning + progress,
         logger=_instantiate_group(cfg.get("logger")),
         enable_progress_bar=show_bar,
     )
@@ -156,7 +180,7 @@ def _write_records(output_dir: Path, metrics: dict[str, Any], cfg: DictConfig, d
         f"- data: `{cfg.data.root}` ({dm.task}, {len(dm.class_names)} classes, bands {dm.bands}, "
         f"tiles {dm.tile_size[0]}x{dm.tile_size[1]})",
         f"- splits: " + ", ".join(f"{s} {len(d)}" for s, d in dm.datasets.items()),
-        f"- model: {cfg.model.backbone}, loss scheme {cfg.loss.scheme} ({cfg.loss.normalize})",
+        f"- model: {cfg.model.backbone} (weights: {cfg.model.get('weights') or 'random'}), loss scheme {cfg.loss.scheme} ({cfg.loss.normalize})",
         f"- best checkpoint: `{metrics.get('best_checkpoint', '')}`",
         f"- bad tiles skipped: {len(dm.bad_tiles)}" + (" (listed in `bad_tiles.json`)" if dm.bad_tiles else ""),
         "",
@@ -173,7 +197,7 @@ def _write_records(output_dir: Path, metrics: dict[str, Any], cfg: DictConfig, d
 
 @hydra.main(version_base="1.3", config_path=CONFIG_PATH, config_name="train")
 def main(cfg: DictConfig) -> float | None:
-    with exit_on_user_error(AugmentationError), ddp_children_join_this_job():
+    with exit_on_user_error(AugmentationError, WeightsError), ddp_children_join_this_job():
         metrics = train(cfg)
     objective = cfg.get("optimized_metric")
     return metrics.get(objective) if objective else None
