@@ -265,8 +265,12 @@ def band_plan(weights: PretrainedWeights, data_bands: Sequence[str] | None, coun
                 f"give {missing} so they can be matched by name"
             )
         log.warning("%s: no band names on one side; the %d bands are matched in order", weights.name, count)
-        wbands = wbands or [f"channel {i}" for i in range(count)]
-        data_bands = data_bands or wbands
+        if wbands is None and data_bands is None:
+            wbands = data_bands = [f"channel {i}" for i in range(count)]
+        elif wbands is None:
+            wbands = list(data_bands)
+        else:
+            data_bands = list(wbands)
     lookup = {canonical_band(b): i for i, b in enumerate(wbands)}
     source = [lookup.get(canonical_band(b)) for b in data_bands]
     if all(s is None for s in source):
@@ -295,8 +299,8 @@ def map_stem_kernels(kernel: Tensor, source: Sequence[int | None]) -> Tensor:
 
     A band the weights lack gets the mean of the pretrained kernels over their input bands;
     the result is scaled by ``C_w / C`` so a pixel's summed response keeps its magnitude.
-    This is how timm adapts input convolutions to other channel counts (``adapt_input_conv``:
-    average or repeat the pretrained kernels, rescale by 3 / in_chans), here per named band.
+    It follows timm's ``adapt_input_conv`` (repeat the pretrained kernels over the new
+    channels, rescale by ``C_w / C``), with kernels placed by band name instead of in order.
     """
     mean = kernel.mean(dim=1)
     columns = [kernel[:, s] if s is not None else mean for s in source]

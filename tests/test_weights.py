@@ -132,6 +132,19 @@ def test_local_file_with_weights_bands_maps_kernels_by_name(tmp_path, train_conf
     assert model.hparams.band_std == [3000.0] * 13 and model.hparams.log_scale is False
 
 
+def test_a_file_without_band_names_is_matched_in_order_when_the_counts_agree(tmp_path, train_config, caplog):
+    state = _timm_resnet("resnet18", 13)
+    torch.save(state, tmp_path / "s2.pth")
+    cfg = train_config(["model=resnet18", f"model.weights={tmp_path / 's2.pth'}"])
+    with caplog.at_level(logging.WARNING, logger="deforest.weights"):
+        model = build_model(cfg.model, cfg.loss, _datamodule(cfg))
+    assert "the 13 bands are matched in order" in caplog.text
+    torch.testing.assert_close(model.net.conv1.weight, state["conv1.weight"])
+    cfg = train_config(["model=resnet18", f"model.weights={tmp_path / 's2.pth'}", "data.bands=[B04,B03,B02]"])
+    with pytest.raises(WeightsError, match=r"takes 13 bands and the network 3: give model.weights_bands"):
+        build_model(cfg.model, cfg.loss, _datamodule(cfg))
+
+
 def test_permuted_band_order_gives_the_same_logits(tmp_path, train_config):
     """The same weights on the same tiles read in another band order: the same logits."""
     torch.save(_timm_resnet("resnet18", 13), tmp_path / "s2.pth")
