@@ -13,6 +13,8 @@ import torchvision
 from torch import nn
 
 BACKBONES = ("small_cnn", "resnet18", "resnet34", "resnet50", "efficientnet_b0")
+#: Any other ``model.backbone`` is a timm model name (``timm.list_models()``), e.g. the
+#: ``vit_small_patch16_224`` of TorchGeo's SSL4EO-S12 ViT weights.
 
 
 def _conv_block(c_in: int, c_out: int) -> nn.Sequential:
@@ -108,15 +110,37 @@ def build_backbone(
     width: int = 32,
     dropout: float = 0.2,
     input_pool: int = 1,
+    image_size: tuple[int, int] | None = None,
 ) -> nn.Module:
     """A classifier taking ``[N, in_channels, H, W]`` and returning ``[N, num_classes]`` logits.
 
     Weights start random; :func:`deforest.weights.load_pretrained` loads pretrained ones.
     ``input_pool`` > 1 average-pools the tile by that factor before the network.
+    ``image_size`` (the pooled tile) sizes timm networks that need it (ViT, Swin).
     """
     if input_pool < 1:
         raise ValueError(f"input_pool must be >= 1, not {input_pool}")
+    if name not in BACKBONES:
+        return _timm_network(name, in_channels, num_classes, dropout, image_size, input_pool)
     net = _network(name, in_channels, num_classes, small_tile_stem, width, dropout)
+    return nn.Sequential(nn.AvgPool2d(input_pool), net) if input_pool > 1 else net
+
+
+def _timm_network(
+    name: str, in_channels: int, num_classes: int, dropout: float, image_size: tuple[int, int] | None, input_pool: int
+) -> nn.Module:
+    """A timm model for the band count; transformers are built for the tile size."""
+    try:
+        import timm
+    except ImportError:
+        raise ValueError(f"unknown backbone {name!r}; choose from {BACKBONES}, or pip install 'deforest[weights]' for timm models") from None
+    if not timm.is_model(name):
+        raise ValueError(f"unknown backbone {name!r}; choose from {BACKBONES} or a timm model name (timm.list_models())")
+    options = {"in_chans": in_channels, "num_classes": num_classes, "drop_rate": dropout}
+    try:  # ViT/Swin take the image size; CNNs do not accept the argument
+        net = timm.create_model(name, img_size=image_size, **options) if image_size else timm.create_model(name, **options)
+    except TypeError:
+        net = timm.create_model(name, **options)
     return nn.Sequential(nn.AvgPool2d(input_pool), net) if input_pool > 1 else net
 
 

@@ -122,8 +122,9 @@ class TileClassifier(pl.LightningModule):
             self.register_buffer("network_bands", torch.as_tensor(list(network_bands)), persistent=False)
         else:
             self.network_bands = None
+        image_size = tuple(t // input_pool for t in tile_size) if tile_size else None
         self.net = build_backbone(
-            backbone, network_band_count, num_classes, small_tile_stem, width, dropout, input_pool
+            backbone, network_band_count, num_classes, small_tile_stem, width, dropout, input_pool, image_size
         )
         self.band_statistics = BandStatistics(len(band_mean), num_classes) if band_statistics else None
         if backbone_lr_multiplier <= 0:

@@ -30,15 +30,21 @@ import torch
 import torchvision
 from torch import Tensor, nn
 
+from deforest.models import BACKBONES
+
 log = logging.getLogger(__name__)
 
 #: What ImageNet's three input channels are in Sentinel-2 terms (red, green, blue);
 #: ``model.weights_bands`` overrides it for other sensors.
 IMAGENET_BANDS = ["B04", "B03", "B02"]
 
-#: Per network family: the first convolution's weight and the classifier's key prefix.
-_STEM = {"resnet": "conv1.weight", "efficientnet": "features.0.0.weight", "small_cnn": "features.0.0.weight"}
-_HEAD = {"resnet": "fc.", "efficientnet": "classifier.", "small_cnn": "head."}
+#: Per network family: the first convolution's weight and the classifier's key prefix
+#: (``timm``: the transformers, ViT and Swin, whose patch embedding is the first layer).
+_STEM = {
+    "resnet": "conv1.weight", "efficientnet": "features.0.0.weight", "small_cnn": "features.0.0.weight",
+    "timm": "patch_embed.proj.weight",
+}
+_HEAD = {"resnet": "fc.", "efficientnet": "classifier.", "small_cnn": "head.", "timm": "head."}
 #: Where a checkpoint may keep the network's keys (deforest: ``net.``, ``net.1.`` behind input pooling).
 _PREFIXES = ("", "net.", "net.1.", "module.", "model.", "backbone.", "encoder.", "state_dict.")
 
@@ -83,11 +89,10 @@ class PretrainedWeights:
 
 
 def family(backbone: str) -> str:
-    """``resnet``, ``efficientnet`` or ``small_cnn``: which key layout the network has."""
-    for name in ("resnet", "efficientnet", "small_cnn"):
-        if backbone.startswith(name):
-            return name
-    raise WeightsError(f"no pretrained weights for backbone {backbone!r}")
+    """``resnet``, ``efficientnet``, ``small_cnn`` (this project's networks) or ``timm``: the key layout."""
+    if backbone not in BACKBONES:
+        return "timm"
+    return next(name for name in ("resnet", "efficientnet", "small_cnn") if backbone.startswith(name))
 
 
 def resolve_weights(
@@ -140,7 +145,7 @@ def _download(weights: Any, name: str) -> dict[str, Tensor]:
 
 
 def _torchvision(backbone: str) -> PretrainedWeights:
-    if family(backbone) == "small_cnn":
+    if family(backbone) in ("small_cnn", "timm"):
         raise WeightsError("model.weights=imagenet needs a torchvision backbone (resnet18, resnet50, efficientnet_b0)")
     weights = torchvision.models.get_model_weights(backbone).DEFAULT
     state = _download(weights, "imagenet")
@@ -343,6 +348,16 @@ def input_normalization(
     return InputNormalization(mean, std, weights.log_scale, weights.name)
 
 
+def _resample_positions(pos_embed: Tensor, vit: nn.Module) -> Tensor:
+    """A ViT's position embeddings interpolated to this tile's patch grid (timm's own resampling)."""
+    from timm.layers import resample_abs_pos_embed
+
+    prefix = getattr(vit, "num_prefix_tokens", 1)
+    log.info("position embeddings resampled from %d to %d patches", pos_embed.shape[1] - prefix,
+             vit.pos_embed.shape[1] - prefix)
+    return resample_abs_pos_embed(pos_embed, list(vit.patch_embed.grid_size), num_prefix_tokens=prefix)
+
+
 def load_pretrained(net: nn.Module, weights: PretrainedWeights, plan: Mapping[str, Any], backbone: str, small_tile_stem: bool) -> None:
     """Load ``weights`` into ``net`` (a :func:`deforest.models.build_backbone` network).
 
@@ -355,6 +370,8 @@ def load_pretrained(net: nn.Module, weights: PretrainedWeights, plan: Mapping[st
     stem_key, head = _STEM[kind], _HEAD[kind]
     state = {k: v for k, v in weights.state_dict.items() if not k.startswith(head)}
     state[stem_key] = map_stem_kernels(state[stem_key].float(), plan["source"])
+    if kind == "timm" and "pos_embed" in state and state["pos_embed"].shape != inner.pos_embed.shape:
+        state["pos_embed"] = _resample_positions(state["pos_embed"], inner)
     target = inner.state_dict()[stem_key]
     dropped_stem = state[stem_key].shape != target.shape
     if dropped_stem:
@@ -364,7 +381,7 @@ def load_pretrained(net: nn.Module, weights: PretrainedWeights, plan: Mapping[st
             "model.small_tile_stem=%s: the pretrained stem %s %s is dropped (its kernels do not fit the "
             "%s stem); it starts random", small_tile_stem, stem_key, pretrained, tuple(target.shape),
         )
-    elif small_tile_stem and kind != "small_cnn":
+    elif small_tile_stem and kind == "efficientnet":
         log.warning("model.small_tile_stem=true: the pretrained stem keeps its kernels but runs at stride 1")
     try:
         missing, unexpected = inner.load_state_dict(state, strict=False)

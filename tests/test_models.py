@@ -30,8 +30,15 @@ def test_small_tile_stem_keeps_resolution():
 
 
 def test_unknown_backbone():
-    with pytest.raises(ValueError, match="unknown backbone 'vgg11'"):
-        build_backbone("vgg11", 3, 2)
+    with pytest.raises(ValueError, match="unknown backbone 'no_such_net'.* or a timm model name"):
+        build_backbone("no_such_net", 3, 2)
+
+
+def test_a_timm_transformer_is_built_for_the_tile_size():
+    net = build_backbone("vit_small_patch16_224", 13, 7, image_size=(64, 64)).eval()
+    with torch.no_grad():
+        assert net(torch.randn(2, 13, 64, 64)).shape == (2, 7)
+    assert net.pos_embed.shape[1] == 1 + 4 * 4
 
 
 def test_input_pool_feeds_the_network_the_averaged_tile():

@@ -101,6 +101,25 @@ def test_torchgeo_weight_name_loads_with_its_bands_and_scaling(hub, train_config
     torch.testing.assert_close(model.normalizer(x), torch.full_like(x, 0.25))
 
 
+def test_torchgeo_vit_weights_load_into_a_timm_backbone(hub, train_config):
+    """No torchvision equivalent: the timm ViT of the weights, its positions resampled to 64 px tiles."""
+    from torchgeo.models import ViTSmall16_Weights
+
+    torch.manual_seed(0)
+    dino = timm.create_model("vit_small_patch16_224", in_chans=13, num_classes=0).state_dict()
+    torch.save(dino, hub / _cache_name(ViTSmall16_Weights.SENTINEL2_ALL_DINO))
+    cfg = train_config(["model=vit_small", "model.weights=ViTSmall16_Weights.SENTINEL2_ALL_DINO"])
+    model = build_model(cfg.model, cfg.loss, _datamodule(cfg)).eval()
+    net = model.net
+    torch.testing.assert_close(net.patch_embed.proj.weight, dino["patch_embed.proj.weight"][:, SSL4EO_INDEX])
+    torch.testing.assert_close(net.blocks[11].mlp.fc2.weight, dino["blocks.11.mlp.fc2.weight"])
+    assert dino["pos_embed"].shape[1] == 1 + 14 * 14 and net.pos_embed.shape[1] == 1 + 4 * 4
+    torch.testing.assert_close(net.pos_embed[:, 0], dino["pos_embed"][:, 0])  # the class token's own
+    assert model.hparams.band_std == [10000.0] * 13
+    with torch.no_grad():
+        assert model(torch.rand(2, 13, 64, 64) * 3000).shape == (2, 10)
+
+
 def test_a_weight_for_another_network_is_one_clear_error(hub, train_config):
     cfg = train_config(["model=resnet18", "model.weights=ResNet50_Weights.SENTINEL2_ALL_MOCO"])
     with pytest.raises(WeightsError, match=r"is for a 'resnet50' network: use model=resnet50"):
