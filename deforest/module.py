@@ -49,6 +49,8 @@ class TileClassifier(pl.LightningModule):
             sees; ``None``: all. The band-statistics head always sees every band.
         pretrained: where the network's weights started (:func:`deforest.weights.band_plan`:
             weights name, band-to-kernel mapping); a record, nothing is loaded from it.
+        input_resize: resize (bilinear) the tile to this many pixels a side before the network,
+            as pretrained weights' published figures do (224); ``None`` keeps the tile size.
         freeze_backbone: keep everything but the classifier head frozen (a linear probe).
         backbone_lr_multiplier: the backbone's learning rate is the optimizer's times this.
         loss: keyword arguments of :class:`DynamicWeightedLoss` (``scheme``, ``normalize``, ...).
@@ -87,6 +89,7 @@ class TileClassifier(pl.LightningModule):
         band_statistics: bool = False,
         network_bands: Sequence[int] | None = None,
         pretrained: Mapping[str, Any] | None = None,
+        input_resize: int | None = None,
         freeze_backbone: bool = False,
         backbone_lr_multiplier: float = 1.0,
         loss: Mapping[str, Any] | None = None,
@@ -122,7 +125,12 @@ class TileClassifier(pl.LightningModule):
             self.register_buffer("network_bands", torch.as_tensor(list(network_bands)), persistent=False)
         else:
             self.network_bands = None
+        if input_resize is not None and input_resize < 1:
+            raise ValueError(f"model.input_resize must be >= 1 or null, not {input_resize}")
+        self.input_resize = input_resize
         image_size = tuple(t // input_pool for t in tile_size) if tile_size else None
+        if input_resize:
+            image_size = (input_resize // input_pool,) * 2
         self.net = build_backbone(
             backbone, network_band_count, num_classes, small_tile_stem, width, dropout, input_pool, image_size
         )
@@ -170,6 +178,8 @@ class TileClassifier(pl.LightningModule):
         """Each head's logits: the network's, then the band-statistics head's if there is one."""
         x = self.normalizer(x)
         x_net = x if self.network_bands is None else x.index_select(1, self.network_bands)
+        if self.input_resize:
+            x_net = torch.nn.functional.interpolate(x_net, size=(self.input_resize,) * 2, mode="bilinear", align_corners=False)
         heads = [self.net(x_net.contiguous(memory_format=torch.channels_last) if self.channels_last else x_net)]
         if self.band_statistics is not None:
             heads.append(self.band_statistics(x))

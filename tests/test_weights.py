@@ -223,6 +223,16 @@ def test_small_tile_stem_drops_the_pretrained_stem_and_says_so(tmp_path, train_c
     torch.testing.assert_close(model.net.layer1[0].conv1.weight, state["layer1.0.conv1.weight"])
 
 
+def test_input_resize_feeds_the_network_the_published_size(train_config):
+    cfg = train_config(["model=resnet18", "model.input_resize=96"])
+    model = build_model(cfg.model, cfg.loss, _datamodule(cfg)).eval()
+    seen = []
+    model.net.register_forward_pre_hook(lambda module, args: seen.append(tuple(args[0].shape)))
+    with torch.no_grad():
+        model(torch.rand(2, 13, 64, 64))
+    assert seen == [(2, 13, 96, 96)]
+
+
 def _snapshot(module: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone() for k, v in module.state_dict().items()}
 
