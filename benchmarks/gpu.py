@@ -79,6 +79,7 @@ def config(args, pack: Path, tif_root: Path):
         f"paths.root_dir={REPO}", f"paths.cache_dir={args.work / 'cache'}", f"data.root={tif_root}",
         f"data.packed={pack}", f"data.batch_size={args.batch}", f"data.num_workers={args.workers}",
         "data.val_fraction=0.01", "data.test_fraction=0.0", "model=resnet18", "trainer=gpu",
+        "model.small_tile_stem=true",  # the measured network: model=resnet18 no longer defaults to it
         f"model.compile={str(args.compile).lower()}", f"+trainer.max_steps={args.warmup + args.steps}",
         "trainer.max_epochs=-1", "+trainer.limit_val_batches=0", "trainer.enable_progress_bar=false",
         "test=false", "model.scheduler=null",  # OneCycleLR needs a known length; speed does not
