@@ -15,7 +15,7 @@ from deforest.module import TileClassifier
 
 
 def test_fast_dev_run_multiclass(train_config, tmp_path):
-    cfg = train_config(["+trainer.fast_dev_run=true"])
+    cfg = train_config(["trainer.fast_dev_run=true"])
     metrics = train(cfg)
     assert 0.0 <= metrics["test/accuracy"] <= 1.0
     written = json.loads((tmp_path / "metrics.json").read_text())
@@ -24,7 +24,7 @@ def test_fast_dev_run_multiclass(train_config, tmp_path):
 
 
 def test_fast_dev_run_multilabel_bigearthnet(train_config, bigearthnet_root, tmp_path):
-    cfg = train_config(["data=bigearthnet", f"data.root={bigearthnet_root}", "+trainer.fast_dev_run=true"])
+    cfg = train_config(["data=bigearthnet", f"data.root={bigearthnet_root}", "trainer.fast_dev_run=true"])
     metrics = train(cfg)
     for key in ("test/f1_micro", "test/f1_macro", "test/map"):
         assert 0.0 <= metrics[key] <= 1.0
@@ -51,7 +51,7 @@ def test_console_script_runs_hydra_app(tmp_path):
     run_dir = tmp_path / "run"
     cmd = [
         sys.executable, "-m", "deforest.cli.train", f"hydra.run.dir={run_dir}",
-        "+trainer.fast_dev_run=true", "model.width=8", "model.tta=false", f"paths.cache_dir={tmp_path / 'c'}",
+        "trainer.fast_dev_run=true", "model.width=8", "model.tta=false", f"paths.cache_dir={tmp_path / 'c'}",
     ]
     done = subprocess.run(cmd, cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
