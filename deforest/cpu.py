@@ -61,7 +61,7 @@ def use_threads(requested: int | None) -> int:
         torch.set_num_interop_threads(threads)
     except RuntimeError:  # only settable before the first parallel work of the process
         pass
-    log.info("CPU threads: %d (of %d cores this process may use)", threads, available_cores())
+    log.info("CPU threads: %d (of %d cores this process may use)", torch.get_num_threads(), available_cores())
     return threads
 
 

@@ -230,3 +230,58 @@ def test_multilabel_report_shows_tuned_and_half_thresholds(bigearthnet_run):
     assert written["test/map"] == pytest.approx(float(MultilabelAveragePrecision(c)(probs, target)), abs=1e-6)
     assert [written[f"thresholds/{n}"] for n in names] == pytest.approx(model.thresholds.tolist())
     assert np.isclose(metrics["test/f1_macro"], written["test/f1_macro"])
+
+
+def test_eval_prints_its_headline_metrics_like_training(eurosat_run, tmp_path, caplog):
+    from deforest.cli.eval import main as eval_main
+
+    run_dir, metrics, _ = eurosat_run
+    with caplog.at_level(logging.INFO, logger="deforest.cli.eval"):
+        eval_main(_eval_config(run_dir, tmp_path, metrics["best_checkpoint"]))
+    written = json.loads((tmp_path / "metrics.json").read_text())
+    expected = {k: round(written[k], 4) for k in ("test/accuracy", "test/f1_macro")}
+    assert f"metrics: {expected}" in caplog.messages
+
+
+def test_epochs_are_numbered_alike_in_checkpoints_csv_and_curves(eurosat_run):
+    from deforest.checkpoints import checkpoint_epoch
+    from deforest.plots import training_curves_figure
+    from deforest.report import _epoch_series
+
+    run_dir, metrics, _ = eurosat_run
+    best = Path(metrics["best_checkpoint"])
+    epoch = int(re.fullmatch(r"epoch_(\d{3})\.ckpt", best.name).group(1))
+    assert checkpoint_epoch(best) == epoch
+    series = _epoch_series(run_dir / "csv" / "metrics.csv")
+    assert sorted(series["val/loss"]) == [0, 1] and epoch in series["val/loss"]
+    figure = training_curves_figure(series, tested_epoch=epoch)
+    titles = [ax.get_title() for ax in figure.axes]
+    assert titles == ["training loss (batch-weighted)", "validation loss (unweighted)", "validation scores"]
+    for ax in figure.axes:
+        assert ax.get_xlabel().startswith("epoch") and ax.get_ylabel() in ("loss", "score")
+        marks = [line for line in ax.get_lines() if line.get_linestyle() == "--"]
+        assert len(marks) == 1 and list(marks[0].get_xdata()) == [epoch, epoch]
+    labels = [[t.get_text() for t in ax.get_legend().get_texts()] for ax in figure.axes]
+    assert labels[0][0] == "train/loss_epoch" and labels[1][0] == "val/loss" and "val/accuracy" in labels[2]
+
+
+def test_class_distribution_legend_covers_no_bar(eurosat_run):
+    from deforest.plots import class_distribution_figure
+
+    run_dir, _, _ = eurosat_run
+    counts = json.loads((run_dir / "class_distribution.json").read_text())
+    figure = class_distribution_figure(counts)
+    figure.canvas.draw()
+    ax = figure.axes[0]
+    legend = ax.get_legend().get_window_extent()
+    bars = [patch.get_window_extent() for patch in ax.patches]
+    assert len(bars) == 3 * 10 and not any(legend.overlaps(bar) for bar in bars)
+    assert ax.get_xlabel() == "class" and ax.get_ylabel() == "tiles"
+
+
+def test_summary_names_the_bands_and_those_the_network_sees(eurosat_run):
+    run_dir, _, _ = eurosat_run
+    summary = (run_dir / "summary.md").read_text()
+    assert "- bands: B01, B02, B03, B04, B05, B06, B07, B08, B09, B10, B11, B12, B8A (13)" in summary
+    assert ("- the network sees: B02, B03, B04, B05, B06, B07, B08, B11, B12, B8A (10); "
+            "the band-statistics head sees every band") in summary
