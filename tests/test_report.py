@@ -7,6 +7,7 @@ import json
 import logging
 import re
 import shutil
+import subprocess
 from pathlib import Path
 
 import matplotlib.image
@@ -285,3 +286,37 @@ def test_summary_names_the_bands_and_those_the_network_sees(eurosat_run):
     assert "- bands: B01, B02, B03, B04, B05, B06, B07, B08, B09, B10, B11, B12, B8A (13)" in summary
     assert ("- the network sees: B02, B03, B04, B05, B06, B07, B08, B11, B12, B8A (10); "
             "the band-statistics head sees every band") in summary
+
+
+CHROMIUM_FLAGS = ("--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                  "--disable-component-update", "--disable-sync", "--no-first-run", "--enable-logging=stderr",
+                  "--v=0", "--virtual-time-budget=10000", "--dump-dom")
+# appended to a copy of the page: reports, once loaded, how each figure decoded
+FIGURE_PROBE = ("<script>window.addEventListener('load', () => console.info('deforest-figures ' + JSON.stringify("
+                "[...document.images].map(i => [i.alt, i.complete && i.naturalWidth > 0 ? i.naturalWidth : 0]))));</script>")
+
+
+@pytest.mark.slow
+def test_report_html_loads_in_a_real_browser_with_every_figure(eurosat_run, tmp_path):
+    """Debian's chromium, headless, opens report.html: no console message from the page, and
+    every figure of report.md is an image the browser decoded."""
+    browser = shutil.which("chromium") or shutil.which("chromium-browser")
+    if browser is None:  # .ci/run installs it; a missing browser must not pass as a skip
+        pytest.fail("chromium is not installed: apt-get install -y chromium (.ci/run does)")
+    run_dir, _, _ = eurosat_run
+    page = tmp_path / "report.html"
+    page.write_text((run_dir / "report.html").read_text().replace("</body>", FIGURE_PROBE + "</body>"))
+    done = subprocess.run([browser, *CHROMIUM_FLAGS, f"--user-data-dir={tmp_path / 'profile'}", page.as_uri()],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    console = [line for line in done.stderr.splitlines() if ":CONSOLE" in line]
+    probes = [line for line in console if "deforest-figures" in line]
+    assert len(probes) == 1 and len(console) == 1, console  # nothing else: no error, no warning
+    figures = json.loads(re.search(r'"deforest-figures (.*)", source:', probes[0]).group(1).replace('\\"', '"'))
+    report = (run_dir / "report.md").read_text()
+    expected = re.findall(r"!\[([^\]]+)\]\(([^)]+\.png)\)", report)
+    assert [alt for alt, _ in figures] == [alt for alt, _ in expected] and len(expected) == len(PNGS)
+    for (alt, width), (_, png) in zip(figures, expected):
+        assert width == matplotlib.image.imread(run_dir / png).shape[1], alt
+    dom = done.stdout
+    assert dom.count("<img") == len(PNGS) and "<table>" in dom

@@ -31,6 +31,7 @@ def test_fast_dev_run_multilabel_bigearthnet(train_config, bigearthnet_root, tmp
     assert any(k.startswith("test/recall/") for k in metrics)
 
 
+@pytest.mark.slow  # 8 epochs; test_report's runs cover checkpoints in the default set
 def test_short_training_learns_and_checkpoint_carries_preprocessing(train_config, tmp_path):
     cfg = train_config(["trainer.max_epochs=8", "model.width=16", "logger=csv"])
     metrics = train(cfg)
@@ -46,6 +47,7 @@ def test_short_training_learns_and_checkpoint_carries_preprocessing(train_config
     assert (tmp_path / "csv" / "metrics.csv").is_file()
 
 
+@pytest.mark.slow  # a training subprocess; test_entry_points runs one in the default set
 def test_console_script_runs_hydra_app(tmp_path):
     """The installed entry point resolves the packaged config and honours hydra.run.dir."""
     run_dir = tmp_path / "run"
