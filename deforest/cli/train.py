@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 from pathlib import Path
@@ -10,7 +11,7 @@ from typing import Any
 import hydra
 import lightning.pytorch as pl
 from hydra.utils import instantiate
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 from deforest.cli.errors import exit_on_user_error
 from deforest.cli.overrides import checked_overrides
@@ -150,12 +151,20 @@ def use_cpu_settings(trainer_cfg: DictConfig) -> None:
     use_onednn(trainer_cfg.get("onednn", True))
 
 
+def trainer_options(cfg: DictConfig) -> DictConfig:
+    """``cfg.trainer`` without :data:`PROCESS_SETTINGS`: what ``lightning.Trainer`` takes.
+    A node of a copy of the whole config, so its interpolations still resolve."""
+    trainer = copy.deepcopy(cfg).trainer
+    with open_dict(trainer):
+        for key in PROCESS_SETTINGS:
+            trainer.pop(key, None)
+    return trainer
+
+
 def build_trainer(cfg: DictConfig) -> pl.Trainer:
     """The trainer with the configured callbacks and loggers, and a progress display that
     suits the output (rich bar on a terminal, log lines otherwise)."""
-    options = OmegaConf.to_container(cfg.trainer, resolve=True)
-    for key in PROCESS_SETTINGS:
-        options.pop(key, None)
+    options = trainer_options(cfg)
     progress, show_bar = progress_callbacks(options.get("enable_progress_bar", True))
     return instantiate(
         options,
