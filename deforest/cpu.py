@@ -20,6 +20,8 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
+from deforest.config_checks import ConfigError
+
 log = logging.getLogger(__name__)
 
 # read in this order when trainer.num_threads is not set; DEFOREST_NUM_THREADS is what a
@@ -38,17 +40,17 @@ def available_cores() -> int:
 def resolve_threads(requested: int | None, environ: Mapping[str, str] = os.environ) -> int:
     """``requested``, else the first of :data:`THREAD_VARIABLES` that is set, else every core.
 
-    A variable that is not a positive integer is an error naming it (not a silent default).
+    A value that is not a positive integer is a :class:`ConfigError` naming it (not a silent default).
     """
     if requested is not None:
         if int(requested) < 1:
-            raise ValueError(f"trainer.num_threads must be >= 1, not {requested}")
+            raise ConfigError(f"trainer.num_threads must be >= 1, not {requested}")
         return int(requested)
     for name in THREAD_VARIABLES:
         value = environ.get(name, "").strip()
         if value:
             if not value.isdigit() or int(value) < 1:
-                raise ValueError(f"{name}={value!r} is not a positive thread count")
+                raise ConfigError(f"{name}={value!r} is not a positive thread count")
             return int(value)
     return available_cores()
 

@@ -216,7 +216,8 @@ def _write_records(
     (output_dir / "summary.md").write_text("\n".join(lines))
     if dm.bad_tiles:
         (output_dir / "bad_tiles.json").write_text(json.dumps(dm.bad_tiles.problems, indent=2))
-    log.info("metrics: %s", headline)
+    if headline:
+        log.info("metrics: %s", headline)
 
 
 @checked_overrides("train")
