@@ -15,9 +15,9 @@ import hydra
 import numpy as np
 from omegaconf import DictConfig, OmegaConf
 
+from deforest.checkpoints import checkpoint_epoch
 from deforest.cli.errors import exit_on_user_error
 from deforest.cli.overrides import checked_overrides
-from deforest.checkpoints import checkpoint_epoch
 from deforest.cli.train import CONFIG_PATH, build_datamodule, build_trainer, headline_metrics, use_cpu_settings
 from deforest.datamodule import TileDataModule
 from deforest.datasets import MULTICLASS, SPLITS, DatasetError

@@ -13,9 +13,9 @@ import lightning.pytorch as pl
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
 
+from deforest.checkpoints import checkpoint_epoch
 from deforest.cli.errors import exit_on_user_error
 from deforest.cli.overrides import checked_overrides
-from deforest.checkpoints import checkpoint_epoch
 from deforest.config_checks import TRAIN_RULES, check_ranges
 from deforest.cpu import use_onednn, use_threads
 from deforest.datamodule import TileDataModule
