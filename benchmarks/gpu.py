@@ -30,7 +30,7 @@ from torch.utils.data import DataLoader, Dataset
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from run import TORCHGEO_TIFS, copy_eurosat  # noqa: E402
 
-from deforest.cli.train import build_datamodule, build_model  # noqa: E402
+from deforest.cli.train import build_datamodule, build_model, trainer_options  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -92,7 +92,7 @@ def config(args, pack: Path, tif_root: Path):
 
 def fit(cfg, model, warmup: int, **data) -> float:
     meter = Throughput(warmup)
-    trainer = instantiate(cfg.trainer, callbacks=[meter], logger=False, enable_checkpointing=False,
+    trainer = instantiate(trainer_options(cfg), callbacks=[meter], logger=False, enable_checkpointing=False,
                           default_root_dir=str(Path(cfg.paths.cache_dir).parent / "gpu-run"))
     trainer.fit(model, **data)
     return meter.rate

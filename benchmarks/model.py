@@ -129,7 +129,7 @@ def epoch(work: Path, epochs: int, limit_batches: int | None) -> dict:
     from hydra import compose, initialize_config_module
     from hydra.utils import instantiate
 
-    from deforest.cli.train import build_datamodule, build_model
+    from deforest.cli.train import build_datamodule, build_model, trainer_options
 
     repo = Path(__file__).resolve().parents[1]
     overrides = [f"paths.root_dir={repo}", f"paths.cache_dir={work / 'cache'}", f"trainer.max_epochs={epochs}",
@@ -148,7 +148,7 @@ def epoch(work: Path, epochs: int, limit_batches: int | None) -> dict:
         def on_train_epoch_start(self, trainer, module) -> None:
             stamps.append(time.perf_counter())
 
-    trainer = instantiate(cfg.trainer, default_root_dir=str(work / "epoch"), callbacks=[Stamp()], logger=False,
+    trainer = instantiate(trainer_options(cfg), default_root_dir=str(work / "epoch"), callbacks=[Stamp()], logger=False,
                           enable_checkpointing=False)
     trainer.fit(model, datamodule=datamodule)
     stamps.append(time.perf_counter())

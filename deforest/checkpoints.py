@@ -54,3 +54,10 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         weights_only: bool | None = None,
     ) -> dict[str, Any]:
         return super().load_checkpoint(path, map_location, True if weights_only is None else weights_only)
+
+
+def checkpoint_epoch(path: str | os.PathLike) -> int | None:
+    """The 0-based epoch a Lightning checkpoint was saved in (its file name's number), read
+    with ``weights_only=True``; ``None`` when the file does not record one."""
+    epoch = torch.load(path, map_location="cpu", weights_only=True).get("epoch")
+    return int(epoch) if epoch is not None else None

@@ -1,9 +1,10 @@
-"""Compare loss-weighting schemes across the jobs of a Hydra multirun.
+"""Compare the settings of a Hydra multirun (loss schemes, backbones, ...) over seeds.
 
-Reads every finished job (via :func:`deforest.sweeps.collect_runs`), groups by
-``loss.scheme`` and ``loss.normalize`` (taken from each job's composed config, so defaults
-count too) and reports mean and standard deviation over seeds of macro F1, accuracy (or
-micro F1 for multi-label) and the recall of the classes rarest in the training split.
+Reads every finished job (via :func:`deforest.sweeps.collect_runs`), groups the jobs by
+every config key whose value differs between them (taken from each job's composed config,
+so defaults count too; seeds, paths and Hydra's own keys excepted) and reports mean and
+standard deviation over the jobs of each group of macro F1, accuracy (or micro F1 for
+multi-label) and the recall of the classes rarest in the training split.
 """
 
 from __future__ import annotations
@@ -11,18 +12,40 @@ from __future__ import annotations
 import json
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import pandas as pd
-from omegaconf import OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from deforest.sweeps import collect_runs
 
-GROUP = ["loss.scheme", "loss.normalize"]
+# what differs between jobs without being a setting to compare
+IGNORED_PREFIXES = ("paths.", "hydra.")
+SEED_VALUE = "${seed}"
 
 
-def _job_settings(run_dir: Path) -> dict[str, str]:
-    cfg = OmegaConf.load(run_dir / ".hydra" / "config.yaml")
-    return {"loss.scheme": str(cfg.loss.scheme), "loss.normalize": str(cfg.loss.normalize)}
+def flat_settings(node: Any, prefix: str = "") -> dict[str, str]:
+    """``{"loss.scheme": "none", "model.width": "8", ...}`` of a job's config, unresolved, lists as text."""
+    if isinstance(node, DictConfig):
+        flat: dict[str, str] = {}
+        for key in node.keys():
+            flat.update(flat_settings(node._get_node(key), f"{prefix}{key}."))
+        return flat
+    if isinstance(node, ListConfig):
+        return {prefix[:-1]: str(OmegaConf.to_container(node, resolve=False))}
+    return {prefix[:-1]: str(node._value() if hasattr(node, "_value") else node)}
+
+
+def varying_keys(settings: Sequence[dict[str, str]]) -> list[str]:
+    """Keys whose value is not the same in every job (missing counts as a value), sorted;
+    the seed (``seed`` and keys set to ``${seed}``), ``paths.*`` and ``hydra.*`` excepted."""
+    keys = sorted({k for s in settings for k in s})
+    seeded = {k for s in settings for k, v in s.items() if v == SEED_VALUE}
+    return [
+        k for k in keys
+        if k != "seed" and k not in seeded and not k.startswith(IGNORED_PREFIXES)
+        and len({s.get(k, "<unset>") for s in settings}) > 1
+    ]
 
 
 def rarest_classes(run_dir: Path, k: int) -> list[str]:
@@ -31,24 +54,28 @@ def rarest_classes(run_dir: Path, k: int) -> list[str]:
     return sorted(counts, key=lambda name: (counts[name], name))[:k]
 
 
-def compare_runs(multirun_dirs: Sequence[str | Path], rare_k: int = 2) -> tuple[pd.DataFrame, list[str]]:
-    """Per scheme and normalisation: seeds, mean and std of the headline metrics.
+def compare_runs(multirun_dirs: Sequence[str | Path], rare_k: int = 2) -> tuple[pd.DataFrame, list[str], list[str]]:
+    """Per group of settings: jobs, mean and std of the headline metrics; the grouping keys; the rare classes.
 
     Several multirun directories are pooled (e.g. a sweep extended by a second one).
     """
     runs = [r for d in multirun_dirs for r in collect_runs(d) if r["status"] == "done"]
     if not runs:
         raise ValueError(f"{', '.join(map(str, multirun_dirs))}: no finished job with a metrics.json")
-    rows = [{**r, **_job_settings(Path(r["run_dir"]))} for r in runs]
-    frame = pd.DataFrame(rows)
+    settings = [flat_settings(OmegaConf.load(Path(r["run_dir"]) / ".hydra" / "config.yaml")) for r in runs]
+    group = varying_keys(settings)
+    frame = pd.DataFrame([{**r, **{k: s.get(k, "<unset>") for k in group}} for r, s in zip(runs, settings)])
+    if not group:  # every job has the same settings: one group
+        group = ["runs"]
+        frame["runs"] = "all"
     rare = rarest_classes(Path(runs[0]["run_dir"]), rare_k)
     second = "test/accuracy" if "test/accuracy" in frame else "test/f1_micro"
     metrics = ["test/f1_macro", second] + [f"test/recall/{c}" for c in rare]
-    grouped = frame.groupby(GROUP, sort=True)[metrics]
+    grouped = frame.groupby(group, sort=True)[metrics]
     table = grouped.mean().add_suffix(" mean").join(grouped.std(ddof=0).add_suffix(" std"))
-    table.insert(0, "seeds", grouped.size())
-    ordered = ["seeds"] + [f"{m} {s}" for m in metrics for s in ("mean", "std")]
-    return table[ordered].reset_index(), rare
+    table.insert(0, "jobs", grouped.size())
+    ordered = ["jobs"] + [f"{m} {s}" for m in metrics for s in ("mean", "std")]
+    return table[ordered].reset_index(), group, rare
 
 
 def write_comparison(
@@ -57,21 +84,22 @@ def write_comparison(
     """Write ``comparison.csv`` and ``comparison.md`` (into ``out_dir``, default the first directory)."""
     root = Path(out_dir or multirun_dirs[0])
     root.mkdir(parents=True, exist_ok=True)
-    table, rare = compare_runs(multirun_dirs, rare_k)
+    table, group, rare = compare_runs(multirun_dirs, rare_k)
     csv_path, md_path = root / "comparison.csv", root / "comparison.md"
     table.to_csv(csv_path, index=False)
     metric_names = [c[: -len(" mean")] for c in table.columns if c.endswith(" mean")]
-    header = ["scheme", "normalize", "seeds", *metric_names]
+    header = [*group, "jobs", *metric_names]
     lines = [
-        f"# Loss weighting comparison ({', '.join(Path(d).name for d in multirun_dirs)})",
+        f"# Comparison of {', '.join(Path(d).name for d in multirun_dirs)}",
         "",
-        f"Mean ± standard deviation over seeds; rarest training classes: {', '.join(rare)}.",
+        f"Grouped by every setting that differs between the jobs ({', '.join(group)}); mean ± standard "
+        f"deviation over the jobs of each group (seeds); rarest training classes: {', '.join(rare)}.",
         "",
         "| " + " | ".join(header) + " |",
         "|" + "---|" * len(header),
     ]
     for _, row in table.iterrows():
-        cells = [row["loss.scheme"], row["loss.normalize"], str(int(row["seeds"]))]
+        cells = [str(row[k]) for k in group] + [str(int(row["jobs"]))]
         cells += [f"{row[m + ' mean']:.3f} ± {row[m + ' std']:.3f}" for m in metric_names]
         lines.append("| " + " | ".join(cells) + " |")
     md_path.write_text("\n".join(lines) + "\n")

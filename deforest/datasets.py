@@ -79,7 +79,10 @@ class TileLayout(ABC):
     def __init__(self, root: str | Path) -> None:
         self.root = Path(root).expanduser()
         if not self.root.is_dir():
-            raise DatasetError(f"data.root {self.root} is not a directory")
+            raise DatasetError(
+                f"data.root {self.root} is not a directory: give data.root=DIR, or set DEFOREST_DATA_DIR to "
+                "the folder that holds the shipped data (a clone's data/)"
+            )
 
     @abstractmethod
     def build_index(self) -> TileIndex:

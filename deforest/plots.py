@@ -13,24 +13,29 @@ from matplotlib.ticker import MaxNLocator  # noqa: E402
 import numpy as np  # noqa: E402
 
 
-def plot_class_distribution(counts: Mapping[str, Mapping[str, int]], path: str | Path) -> Path:
-    """Grouped bars: tiles per class for each split."""
+def class_distribution_figure(counts: Mapping[str, Mapping[str, int]]) -> plt.Figure:
+    """Grouped bars: tiles per class for each split; the legend sits outside the axes, so it
+    never covers a bar."""
     splits = list(counts)
     classes = list(next(iter(counts.values())))
     x = np.arange(len(classes))
     width = 0.8 / max(len(splits), 1)
-    fig, ax = plt.subplots(figsize=(max(6.0, 0.5 * len(classes) + 2), 4), dpi=100)
+    fig, ax = plt.subplots(figsize=(max(6.0, 0.5 * len(classes) + 2) + 1.2, 4), dpi=100)
     for i, split in enumerate(splits):
         ax.bar(x + i * width, [counts[split][c] for c in classes], width, label=split)
     ax.set_xticks(x + width * (len(splits) - 1) / 2)
     ax.set_xticklabels([c[:24] for c in classes], rotation=45, ha="right", fontsize=8)
+    ax.set_xlabel("class")
     ax.set_ylabel("tiles")
     ax.set_title("Class distribution per split")
-    ax.legend()
+    ax.legend(title="split", loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)
     fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-    return Path(path)
+    return fig
+
+
+def plot_class_distribution(counts: Mapping[str, Mapping[str, int]], path: str | Path) -> Path:
+    """:func:`class_distribution_figure`, saved as a PNG."""
+    return _save(class_distribution_figure(counts), path)
 
 
 def _grid(n: int, max_cols: int) -> tuple[int, int]:
@@ -106,20 +111,40 @@ def plot_pr_curves(
     return _save(fig, path)
 
 
-def plot_training_curves(epochs: Mapping[str, Mapping[int, float]], path: str | Path) -> Path:
-    """Per-epoch series: losses in one panel, validation scores in the other."""
-    losses = {k: v for k, v in epochs.items() if k.endswith("loss") or k.endswith("loss_epoch")}
-    scores = {k: v for k, v in epochs.items() if k not in losses}
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4), dpi=100)
-    for ax, series, title in ((axes[0], losses, "loss"), (axes[1], scores, "validation metrics")):
+TRAIN_LOSS = "train/loss_epoch"
+
+
+def training_curves_figure(epochs: Mapping[str, Mapping[int, float]], tested_epoch: int | None = None) -> plt.Figure:
+    """Per-epoch series in three panels: the training loss (weighted by the batch class
+    weights, so on its own scale), the validation loss (unweighted) and the validation
+    scores. Epochs are numbered from 0, as in checkpoint names and ``csv/metrics.csv``; a
+    dashed line marks ``tested_epoch``, the checkpoint the test metrics come from."""
+    panels = (
+        ({k: v for k, v in epochs.items() if k == TRAIN_LOSS}, "training loss (batch-weighted)", "loss"),
+        ({k: v for k, v in epochs.items() if k == "val/loss"}, "validation loss (unweighted)", "loss"),
+        ({k: v for k, v in epochs.items() if not k.endswith("loss") and k != TRAIN_LOSS}, "validation scores", "score"),
+    )
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4), dpi=100)
+    for ax, (series, title, ylabel) in zip(axes, panels):
         for name, points in series.items():
             ax.plot(list(points), list(points.values()), marker="o", markersize=3, label=name)
-        ax.set_xlabel("epoch")
+        if tested_epoch is not None:
+            ax.axvline(tested_epoch, color="0.3", linestyle="--", linewidth=1, label=f"tested checkpoint (epoch {tested_epoch})")
+        ax.set_xlabel("epoch (from 0, as in checkpoint names)")
+        ax.set_ylabel(ylabel)
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_title(title)
-        if series:
+        if series or tested_epoch is not None:
             ax.legend(fontsize=7)
-    return _save(fig, path)
+    fig.tight_layout()
+    return fig
+
+
+def plot_training_curves(
+    epochs: Mapping[str, Mapping[int, float]], path: str | Path, tested_epoch: int | None = None
+) -> Path:
+    """:func:`training_curves_figure`, saved as a PNG."""
+    return _save(training_curves_figure(epochs, tested_epoch), path)
 
 
 def quicklook(image: np.ndarray, low: float = 2, high: float = 98) -> np.ndarray:

@@ -24,6 +24,12 @@ def _say(message: str, *args: Any) -> None:
     log.info(message, *args)
 
 
+def _epoch(trainer: pl.Trainer) -> str:
+    """``current/last`` numbered from 0, as Lightning's bar, checkpoint names and the CSV log do."""
+    last = trainer.max_epochs - 1 if trainer.max_epochs and trainer.max_epochs > 0 else None
+    return f"{trainer.current_epoch}/{last}" if last is not None else str(trainer.current_epoch)
+
+
 class LineProgress(Callback):
     """Logs a line per epoch with the metrics a bar would show, one every ``interval_s``
     inside long epochs, and one when testing or predicting ends."""
@@ -44,14 +50,12 @@ class LineProgress(Callback):
         if now - self._last >= self.interval_s:
             self._last = now
             total = trainer.num_training_batches
-            _say("epoch %d/%s: batch %d/%s after %.0f s", trainer.current_epoch + 1, trainer.max_epochs,
-                     batch_idx + 1, total, now - self._started)
+            _say("epoch %s: batch %d/%s after %.0f s", _epoch(trainer), batch_idx + 1, total, now - self._started)
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         shown = trainer.progress_bar_metrics  # what a bar would show
         text = " ".join(f"{k}={float(v):.4f}" for k, v in sorted(shown.items()) if not k.endswith("_step"))
-        _say("epoch %d/%s done in %.1f s: %s", trainer.current_epoch + 1, trainer.max_epochs,
-                 time.monotonic() - self._started, text)
+        _say("epoch %s done in %.1f s: %s", _epoch(trainer), time.monotonic() - self._started, text)
 
     def on_test_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._start()

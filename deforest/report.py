@@ -76,6 +76,7 @@ class Evaluation:
     split_counts: Mapping[str, Mapping[str, int]] | None = None
     csv_log: Path | None = None
     details: Sequence[str] = ()
+    tested_epoch: int | None = None
 
 
 def rgb_bands(configured: Sequence[int | str] | None, band_names: Sequence[str] | None, count: int) -> list[int]:
@@ -128,7 +129,7 @@ def write_report(
         figures["class_distribution"] = plot_class_distribution(run.split_counts, out / "class_distribution.png")
     curves = _epoch_series(run.csv_log) if run.csv_log and run.csv_log.is_file() else {}
     if curves:
-        figures["training_curves"] = plot_training_curves(curves, out / "training_curves.png")
+        figures["training_curves"] = plot_training_curves(curves, out / "training_curves.png", run.tested_epoch)
     figures["examples"] = _examples_figure(run, examples, seed, out / "examples.png")
     _write_predictions(run, out / "predictions.csv")
     text = _markdown(run, tuned, at_half, figures)
@@ -147,12 +148,14 @@ def report_on_split(
     loggers: Sequence[Logger] = (),
     details: Sequence[str] = (),
     csv_log: Path | None = None,
+    tested_epoch: int | None = None,
 ) -> dict[str, Any]:
     """The report on the predictions of ``model``'s last test run over ``datamodule``'s ``split``.
 
     ``options`` is the ``report`` config (``rgb_bands``, ``examples``); the CSV log for the
-    training curves is the CSV logger's unless ``csv_log`` is given. Figures also go to
-    TensorBoard loggers. Returns the metrics for ``metrics.json``.
+    training curves is the CSV logger's unless ``csv_log`` is given; ``tested_epoch`` (the
+    checkpoint's epoch) is marked on them. Figures also go to TensorBoard loggers. Returns
+    the metrics for ``metrics.json``.
     """
     predictions = model.predictions.get("test")
     if predictions is None or len(predictions["index"]) == 0:
@@ -176,6 +179,7 @@ def report_on_split(
         split_counts=datamodule.split_counts(),
         csv_log=csv_log,
         details=[*details, f"quicklook bands: {bands}"],
+        tested_epoch=tested_epoch,
     )
     record, figures = write_report(output_dir, run, examples=int(options.get("examples", 18)))
     log_figures(loggers, figures)

@@ -55,7 +55,7 @@ case "$user" in ""|root|0|0:*) echo "container-smoke: image runs as root" >&2; e
 echo "== tiny training in the image (user $user, the shipped sample mounted at /data)"
 ctr=$(buildah from "$IMAGE")
 buildah run --isolation chroot -v "$REPO/data/eurosat-ms:/data:ro" "$ctr" -- \
-    deforest-train data.root=/data +trainer.fast_dev_run=true model.width=8 model.tta=false \
+    deforest-train data.root=/data trainer.fast_dev_run=true model.width=8 model.tta=false \
     trainer.enable_progress_bar=false
 uid=$(buildah run --isolation chroot "$ctr" -- id -u)
 [ "$uid" != 0 ] || { echo "container-smoke: training ran as root" >&2; exit 1; }

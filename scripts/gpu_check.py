@@ -21,7 +21,7 @@ import torch
 from hydra import compose, initialize_config_module
 from hydra.utils import instantiate
 
-from deforest.cli.train import build_datamodule, build_model
+from deforest.cli.train import build_datamodule, build_model, trainer_options
 
 
 class StepTimer(pl.Callback):
@@ -89,7 +89,7 @@ def main() -> None:
         loss_calls = guard_loss_syncs(model.criterion, cuda)
         timer = StepTimer(args.warmup, cuda)
         trainer: pl.Trainer = instantiate(
-            cfg.trainer, callbacks=[timer], logger=False, enable_checkpointing=False, enable_progress_bar=False,
+            trainer_options(cfg), callbacks=[timer], logger=False, enable_checkpointing=False, enable_progress_bar=False,
             max_epochs=-1, max_steps=args.steps, limit_val_batches=0, num_sanity_val_steps=0,
         )
         if cuda:

@@ -33,3 +33,20 @@ def test_quick_benchmark_writes_every_measure(tmp_path):
     assert results["_run"]["default_epoch_seconds"] > 0
     assert "| loader_vs_torchgeo |" in done.stdout
     assert not list(tmp_path.glob("*.tmp"))  # written atomically
+
+
+@pytest.mark.slow
+def test_cpu_threads_benchmark_quick_writes_every_measure(tmp_path):
+    """benchmarks/cpu_threads.py --quick: real deforest-tile and deforest-train processes, the
+    concurrency and oneDNN rows in the table and the JSON (no timing asserted)."""
+    out = tmp_path / "cpu_threads.json"
+    cmd = [sys.executable, "benchmarks/cpu_threads.py", "--quick", "--out", str(out), "--work", str(tmp_path / "work")]
+    done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=1800)
+    assert done.returncode == 0, done.stderr[-4000:]
+    results = json.loads(out.read_text())
+    assert results["small_tiles"]["tiles"] == 1064  # 16 px tiles, stride 8, over the 235 x 318 px scene
+    for ratio in (results["concurrency"]["ratio_default_threads"], results["concurrency"]["ratio_split_threads"],
+                  results["small_tiles"]["native_vs_onednn"], results["eurosat"]["native_vs_onednn"]):
+        assert ratio > 0
+    assert [len(s) for s in results["concurrency"]["two_copies_split_threads"]["epoch_seconds"]] == [2, 2]
+    assert "| + one copy, trainer.num_threads=" in done.stdout

@@ -46,9 +46,10 @@ def test_the_three_experiments_exist():
     assert {"eurosat_resnet18", "bigearthnet_resnet50", "imbalance"} <= set(EXPERIMENTS)
 
 
+@pytest.mark.slow  # ResNet-18/50 steps on the CPU
 @pytest.mark.parametrize("experiment", EXPERIMENTS)
 def test_experiment_composes_and_runs_fast_dev_run(experiment, train_config, tmp_path, request):
-    overrides = [f"experiment={experiment}", "+trainer.fast_dev_run=true", "data.batch_size=4", "report.enabled=false"]
+    overrides = [f"experiment={experiment}", "trainer.fast_dev_run=true", "data.batch_size=4", "report.enabled=false"]
     if experiment.startswith("bigearthnet"):
         overrides.append(f"data.root={request.getfixturevalue('bigearthnet_root')}")
     cfg = train_config(overrides)

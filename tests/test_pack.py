@@ -149,6 +149,6 @@ def test_console_script_then_train_from_pack(train_config, tmp_path):
     done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "wrote" in done.stderr + done.stdout and (out / "tiles.npy").is_file()
-    metrics = train(train_config([f"data.packed={out}", "+trainer.fast_dev_run=true"]))
+    metrics = train(train_config([f"data.packed={out}", "trainer.fast_dev_run=true"]))
     assert 0.0 <= metrics["test/accuracy"] <= 1.0
 

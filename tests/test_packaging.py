@@ -20,8 +20,10 @@ def test_wheel_ships_every_config(tmp_path):
     )
     wheel = next(tmp_path.glob("deforest-*.whl"))
     names = set(zipfile.ZipFile(wheel).namelist())
-    configs = {f"deforest/conf/{p.relative_to(REPO / 'conf').as_posix()}" for p in (REPO / "conf").rglob("*.yaml")}
+    configs = {f"deforest/conf/{p.relative_to(REPO / 'conf').as_posix()}" for p in (REPO / "conf").rglob("*.yaml")
+               if "local" not in p.relative_to(REPO / "conf").parts}
     assert configs and configs <= names, sorted(configs - names)
+    assert "deforest/conf/debug/fdr.yaml" in names and not any(n.startswith("deforest/conf/local/") for n in names)
     assert "deforest/cli/train.py" in names
     entry_points = next(n for n in names if n.endswith("entry_points.txt"))
     assert "deforest-train = deforest.cli.train:main" in zipfile.ZipFile(wheel).read(entry_points).decode()

@@ -7,6 +7,7 @@ import json
 import logging
 import re
 import shutil
+import subprocess
 from pathlib import Path
 
 import matplotlib.image
@@ -136,7 +137,7 @@ def test_every_png_opens_with_a_sane_size_and_tensorboard_has_them(eurosat_run):
 def test_progress_is_plain_lines_without_a_terminal(eurosat_run):
     _, _, lines = eurosat_run
     epochs = [line for line in lines if line.startswith("epoch ") and " done in " in line]
-    assert [line.split()[1] for line in epochs] == ["1/2", "2/2"] and "val/loss=" in epochs[-1]
+    assert [line.split()[1] for line in epochs] == ["0/1", "1/1"] and "val/loss=" in epochs[-1]
     assert any(line.startswith("test done") for line in lines)
     bar, shown = progress_callbacks(True, interactive=True)
     assert isinstance(bar[0], RichProgressBar) and shown
@@ -230,3 +231,92 @@ def test_multilabel_report_shows_tuned_and_half_thresholds(bigearthnet_run):
     assert written["test/map"] == pytest.approx(float(MultilabelAveragePrecision(c)(probs, target)), abs=1e-6)
     assert [written[f"thresholds/{n}"] for n in names] == pytest.approx(model.thresholds.tolist())
     assert np.isclose(metrics["test/f1_macro"], written["test/f1_macro"])
+
+
+def test_eval_prints_its_headline_metrics_like_training(eurosat_run, tmp_path, caplog):
+    from deforest.cli.eval import main as eval_main
+
+    run_dir, metrics, _ = eurosat_run
+    with caplog.at_level(logging.INFO, logger="deforest.cli.eval"):
+        eval_main(_eval_config(run_dir, tmp_path, metrics["best_checkpoint"]))
+    written = json.loads((tmp_path / "metrics.json").read_text())
+    expected = {k: round(written[k], 4) for k in ("test/accuracy", "test/f1_macro")}
+    assert f"metrics: {expected}" in caplog.messages
+
+
+def test_epochs_are_numbered_alike_in_checkpoints_csv_and_curves(eurosat_run):
+    from deforest.checkpoints import checkpoint_epoch
+    from deforest.plots import training_curves_figure
+    from deforest.report import _epoch_series
+
+    run_dir, metrics, _ = eurosat_run
+    best = Path(metrics["best_checkpoint"])
+    epoch = int(re.fullmatch(r"epoch_(\d{3})\.ckpt", best.name).group(1))
+    assert checkpoint_epoch(best) == epoch
+    series = _epoch_series(run_dir / "csv" / "metrics.csv")
+    assert sorted(series["val/loss"]) == [0, 1] and epoch in series["val/loss"]
+    figure = training_curves_figure(series, tested_epoch=epoch)
+    titles = [ax.get_title() for ax in figure.axes]
+    assert titles == ["training loss (batch-weighted)", "validation loss (unweighted)", "validation scores"]
+    for ax in figure.axes:
+        assert ax.get_xlabel().startswith("epoch") and ax.get_ylabel() in ("loss", "score")
+        marks = [line for line in ax.get_lines() if line.get_linestyle() == "--"]
+        assert len(marks) == 1 and list(marks[0].get_xdata()) == [epoch, epoch]
+    labels = [[t.get_text() for t in ax.get_legend().get_texts()] for ax in figure.axes]
+    assert labels[0][0] == "train/loss_epoch" and labels[1][0] == "val/loss" and "val/accuracy" in labels[2]
+
+
+def test_class_distribution_legend_covers_no_bar(eurosat_run):
+    from deforest.plots import class_distribution_figure
+
+    run_dir, _, _ = eurosat_run
+    counts = json.loads((run_dir / "class_distribution.json").read_text())
+    figure = class_distribution_figure(counts)
+    figure.canvas.draw()
+    ax = figure.axes[0]
+    legend = ax.get_legend().get_window_extent()
+    bars = [patch.get_window_extent() for patch in ax.patches]
+    assert len(bars) == 3 * 10 and not any(legend.overlaps(bar) for bar in bars)
+    assert ax.get_xlabel() == "class" and ax.get_ylabel() == "tiles"
+
+
+def test_summary_names_the_bands_and_those_the_network_sees(eurosat_run):
+    run_dir, _, _ = eurosat_run
+    summary = (run_dir / "summary.md").read_text()
+    assert "- bands: B01, B02, B03, B04, B05, B06, B07, B08, B09, B10, B11, B12, B8A (13)" in summary
+    assert ("- the network sees: B02, B03, B04, B05, B06, B07, B08, B11, B12, B8A (10); "
+            "the band-statistics head sees every band") in summary
+
+
+CHROMIUM_FLAGS = ("--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                  "--disable-component-update", "--disable-sync", "--no-first-run", "--enable-logging=stderr",
+                  "--v=0", "--virtual-time-budget=10000", "--dump-dom")
+# appended to a copy of the page: reports, once loaded, how each figure decoded
+FIGURE_PROBE = ("<script>window.addEventListener('load', () => console.info('deforest-figures ' + JSON.stringify("
+                "[...document.images].map(i => [i.alt, i.complete && i.naturalWidth > 0 ? i.naturalWidth : 0]))));</script>")
+
+
+@pytest.mark.slow
+def test_report_html_loads_in_a_real_browser_with_every_figure(eurosat_run, tmp_path):
+    """Debian's chromium, headless, opens report.html: no console message from the page, and
+    every figure of report.md is an image the browser decoded."""
+    browser = shutil.which("chromium") or shutil.which("chromium-browser")
+    if browser is None:  # .ci/run installs it; a missing browser must not pass as a skip
+        pytest.fail("chromium is not installed: apt-get install -y chromium (.ci/run does)")
+    run_dir, _, _ = eurosat_run
+    page = tmp_path / "report.html"
+    page.write_text((run_dir / "report.html").read_text().replace("</body>", FIGURE_PROBE + "</body>"))
+    done = subprocess.run([browser, *CHROMIUM_FLAGS, f"--user-data-dir={tmp_path / 'profile'}", page.as_uri()],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    console = [line for line in done.stderr.splitlines() if ":CONSOLE" in line]
+    probes = [line for line in console if "deforest-figures" in line]
+    assert len(probes) == 1 and len(console) == 1, console  # nothing else: no error, no warning
+    figures = json.loads(re.search(r'"deforest-figures (.*)", source:', probes[0]).group(1).replace('\\"', '"'))
+    report = (run_dir / "report.md").read_text()
+    expected = re.findall(r"!\[([^\]]+)\]\(([^)]+\.png)\)", report)
+    assert [alt for alt, _ in figures] == [alt for alt, _ in expected] and len(expected) == len(PNGS)
+    for (alt, width), (_, png) in zip(figures, expected):
+        assert width == matplotlib.image.imread(run_dir / png).shape[1], alt
+    dom = done.stdout
+    assert dom.count("<img") == len(PNGS) and "<table>" in dom

@@ -94,7 +94,7 @@ def test_skipped_bad_tiles_are_reported_in_the_run_summary(train_config, eurosat
         shutil.copytree(eurosat_root / "train" / cls, root / cls)
     empty = root / "SeaLake" / "SeaLake_empty.tif"
     empty.write_bytes(b"")
-    cfg = train_config([f"data.root={root}", "data.on_bad_tile=skip", "+trainer.fast_dev_run=true"])
+    cfg = train_config([f"data.root={root}", "data.on_bad_tile=skip", "trainer.fast_dev_run=true"])
     train(cfg)
     assert "- bad tiles skipped: 1 (listed in `bad_tiles.json`)" in (tmp_path / "summary.md").read_text()
     assert json.loads((tmp_path / "bad_tiles.json").read_text()) == {str(empty): f"{empty}: is empty (0 bytes)"}

@@ -15,7 +15,7 @@ from deforest.module import TileClassifier
 
 
 def test_fast_dev_run_multiclass(train_config, tmp_path):
-    cfg = train_config(["+trainer.fast_dev_run=true"])
+    cfg = train_config(["trainer.fast_dev_run=true"])
     metrics = train(cfg)
     assert 0.0 <= metrics["test/accuracy"] <= 1.0
     written = json.loads((tmp_path / "metrics.json").read_text())
@@ -24,13 +24,14 @@ def test_fast_dev_run_multiclass(train_config, tmp_path):
 
 
 def test_fast_dev_run_multilabel_bigearthnet(train_config, bigearthnet_root, tmp_path):
-    cfg = train_config(["data=bigearthnet", f"data.root={bigearthnet_root}", "+trainer.fast_dev_run=true"])
+    cfg = train_config(["data=bigearthnet", f"data.root={bigearthnet_root}", "trainer.fast_dev_run=true"])
     metrics = train(cfg)
     for key in ("test/f1_micro", "test/f1_macro", "test/map"):
         assert 0.0 <= metrics[key] <= 1.0
     assert any(k.startswith("test/recall/") for k in metrics)
 
 
+@pytest.mark.slow  # 8 epochs; test_report's runs cover checkpoints in the default set
 def test_short_training_learns_and_checkpoint_carries_preprocessing(train_config, tmp_path):
     cfg = train_config(["trainer.max_epochs=8", "model.width=16", "logger=csv"])
     metrics = train(cfg)
@@ -46,12 +47,13 @@ def test_short_training_learns_and_checkpoint_carries_preprocessing(train_config
     assert (tmp_path / "csv" / "metrics.csv").is_file()
 
 
+@pytest.mark.slow  # a training subprocess; test_entry_points runs one in the default set
 def test_console_script_runs_hydra_app(tmp_path):
     """The installed entry point resolves the packaged config and honours hydra.run.dir."""
     run_dir = tmp_path / "run"
     cmd = [
         sys.executable, "-m", "deforest.cli.train", f"hydra.run.dir={run_dir}",
-        "+trainer.fast_dev_run=true", "model.width=8", "model.tta=false", f"paths.cache_dir={tmp_path / 'c'}",
+        "trainer.fast_dev_run=true", "model.width=8", "model.tta=false", f"paths.cache_dir={tmp_path / 'c'}",
     ]
     done = subprocess.run(cmd, cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]

@@ -388,7 +388,7 @@ def test_benchmark_experiments_run_on_generated_lists_and_cached_weights(experim
         _write(lists / "patches_with_cloud_and_shadow.csv", ["S2B_MSIL2A_20170906T101019_76_61"])
         _write(lists / "patches_with_seasonal_snow.csv", [])
         monkeypatch.setenv("BIGEARTHNET_SPLITS", str(lists))
-    cfg = train_config([f"experiment={experiment}", "+trainer.fast_dev_run=true", "data.batch_size=4", "report.enabled=false"])
+    cfg = train_config([f"experiment={experiment}", "trainer.fast_dev_run=true", "data.batch_size=4", "report.enabled=false"])
     metrics = train(cfg)
     key = "test/map" if experiment.startswith("bigearthnet") else "test/accuracy"
     assert 0.0 <= metrics[key] <= 1.0

@@ -1,21 +1,39 @@
-"""``deforest-compare DIR [DIR ...]``: summarise multiruns of loss schemes into comparison.md/.csv."""
+"""``deforest-compare dirs=[DIR,...]``: compare the jobs of multiruns into comparison.md/.csv.
+
+A Hydra app like the other commands (``key=value`` arguments, ``--help``, one line for a
+misspelt key), with its own small config (conf/compare.yaml).
+"""
 
 from __future__ import annotations
 
-import argparse
+import logging
 
+import hydra
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import MissingMandatoryValue
+
+from deforest.cli.errors import exit_on_user_error
+from deforest.cli.overrides import checked_overrides
 from deforest.compare import write_comparison
 
+log = logging.getLogger(__name__)
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="deforest-compare", description=__doc__)
-    parser.add_argument("multirun_dirs", nargs="+", help="Hydra multirun directories (logs/train/multiruns/<time>), pooled")
-    parser.add_argument("--out", help="where to write comparison.md/.csv (default: the first directory)")
-    parser.add_argument("--rare", type=int, default=2, help="report recall of the K rarest training classes")
-    args = parser.parse_args(argv)
-    csv_path, md_path = write_comparison(args.multirun_dirs, args.rare, args.out)
+CONFIG_PATH = "pkg://deforest.conf"
+
+
+def compare(cfg: DictConfig) -> None:
+    """Write the comparison of ``cfg.dirs`` and print it."""
+    dirs = OmegaConf.to_container(cfg.dirs) if OmegaConf.is_list(cfg.dirs) else [cfg.dirs]
+    csv_path, md_path = write_comparison([str(d) for d in dirs], cfg.rare, cfg.out)
     print(md_path.read_text())
-    print(f"wrote {md_path} and {csv_path}")
+    log.info("wrote %s and %s", md_path, csv_path)
+
+
+@checked_overrides("compare")
+@hydra.main(version_base="1.3", config_path=CONFIG_PATH, config_name="compare")
+def main(cfg: DictConfig) -> None:
+    with exit_on_user_error(ValueError, FileNotFoundError, MissingMandatoryValue):
+        compare(cfg)
 
 
 if __name__ == "__main__":

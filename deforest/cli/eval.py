@@ -15,8 +15,10 @@ import hydra
 import numpy as np
 from omegaconf import DictConfig, OmegaConf
 
+from deforest.checkpoints import checkpoint_epoch
 from deforest.cli.errors import exit_on_user_error
-from deforest.cli.train import CONFIG_PATH, build_datamodule, build_trainer
+from deforest.cli.overrides import checked_overrides
+from deforest.cli.train import CONFIG_PATH, build_datamodule, build_trainer, headline_metrics, use_cpu_settings
 from deforest.datamodule import TileDataModule
 from deforest.datasets import MULTICLASS, SPLITS, DatasetError
 from deforest.module import TileClassifier
@@ -50,7 +52,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
         details = [f"checkpoint: `{ckpt}`", f"data: `{cfg.data.root}`"]
         csv_log = ckpt.resolve().parent.parent / "csv" / "metrics.csv"  # the training run's, when beside it
         metrics.update(report_on_split(model, datamodule, cfg.split, output_dir, cfg.report, trainer.loggers,
-                                       details, csv_log if csv_log.is_file() else None))
+                                       details, csv_log if csv_log.is_file() else None, checkpoint_epoch(ckpt)))
         (output_dir / "metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True))
     return metrics
 
@@ -87,10 +89,13 @@ def align_classes(datamodule: TileDataModule, split: str, model: TileClassifier)
     dataset.fill = nodata_fill(model.hparams.band_mean, model.hparams.log_scale)
 
 
+@checked_overrides("eval")
 @hydra.main(version_base="1.3", config_path=CONFIG_PATH, config_name="eval")
 def main(cfg: DictConfig) -> None:
     with exit_on_user_error():
-        evaluate(cfg)
+        use_cpu_settings(cfg.trainer)
+        metrics = evaluate(cfg)
+    log.info("metrics: %s", headline_metrics(metrics, cfg.split))
 
 
 if __name__ == "__main__":

@@ -9,6 +9,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig
 
 from deforest.cli.errors import exit_on_user_error
+from deforest.cli.overrides import checked_overrides
 from deforest.cli.train import CONFIG_PATH
 from deforest.pack import PackResult, pack_dataset
 
@@ -28,6 +29,7 @@ def pack(cfg: DictConfig) -> PackResult:
     return result
 
 
+@checked_overrides("pack")
 @hydra.main(version_base="1.3", config_path=CONFIG_PATH, config_name="pack")
 def main(cfg: DictConfig) -> None:
     with exit_on_user_error():

@@ -9,6 +9,7 @@ import hydra
 from omegaconf import DictConfig, OmegaConf
 
 from deforest.cli.errors import exit_on_user_error
+from deforest.cli.overrides import checked_overrides
 from deforest.cli.train import CONFIG_PATH
 from deforest.config_checks import PREDICT_RULES, check_ranges
 from deforest.predict import load_classifier, predict_scene, predict_tiles, resolve_device
@@ -40,6 +41,7 @@ def predict(cfg: DictConfig) -> dict[str, object]:
     return summary
 
 
+@checked_overrides("predict")
 @hydra.main(version_base="1.3", config_path=CONFIG_PATH, config_name="predict")
 def main(cfg: DictConfig) -> None:
     with exit_on_user_error():

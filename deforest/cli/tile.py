@@ -8,6 +8,7 @@ import hydra
 from omegaconf import DictConfig, OmegaConf
 
 from deforest.cli.errors import exit_on_user_error
+from deforest.cli.overrides import checked_overrides
 from deforest.config_checks import TILE_RULES, check_ranges
 from deforest.labelling import RasterLabels, VectorLabels
 from deforest.scene import Scene
@@ -56,6 +57,7 @@ def tile(cfg: DictConfig) -> TilingReport:
     return report
 
 
+@checked_overrides("tile")
 @hydra.main(version_base="1.3", config_path=CONFIG_PATH, config_name="tile")
 def main(cfg: DictConfig) -> None:
     with exit_on_user_error():

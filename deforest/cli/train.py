@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 from pathlib import Path
@@ -10,10 +11,13 @@ from typing import Any
 import hydra
 import lightning.pytorch as pl
 from hydra.utils import instantiate
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 
+from deforest.checkpoints import checkpoint_epoch
 from deforest.cli.errors import exit_on_user_error
+from deforest.cli.overrides import checked_overrides
 from deforest.config_checks import TRAIN_RULES, check_ranges
+from deforest.cpu import use_onednn, use_threads
 from deforest.datamodule import TileDataModule
 from deforest.finetuning import BackboneFinetuning
 from deforest.hydra_ddp import ddp_children_join_this_job
@@ -122,6 +126,7 @@ def _instantiate_group(group: DictConfig | None) -> list[Any]:
 def train(cfg: DictConfig) -> dict[str, float]:
     """Fit, test the best checkpoint and write the run's records; returns the metrics."""
     check_ranges(cfg, TRAIN_RULES)
+    use_cpu_settings(cfg.trainer)
     if cfg.get("seed") is not None:
         pl.seed_everything(cfg.seed, workers=True)
     output_dir = Path(cfg.paths.output_dir)
@@ -138,9 +143,11 @@ def train(cfg: DictConfig) -> dict[str, float]:
         metrics["best_checkpoint"] = best
         if trainer.is_global_zero and cfg.report.enabled:
             details = [f"checkpoint: `{best or 'final weights (no checkpoint)'}`", f"data: `{cfg.data.root}`"]
-            metrics.update(report_on_split(model, datamodule, "test", output_dir, cfg.report, trainer.loggers, details))
+            tested_epoch = checkpoint_epoch(best) if best else trainer.current_epoch - 1
+            metrics.update(report_on_split(model, datamodule, "test", output_dir, cfg.report, trainer.loggers,
+                                           details, tested_epoch=tested_epoch))
     if trainer.is_global_zero:
-        _write_records(output_dir, metrics, cfg, datamodule)
+        _write_records(output_dir, metrics, cfg, datamodule, model)
     return metrics
 
 
@@ -156,29 +163,70 @@ def resume_path(ckpt_path: str | None, output_dir: Path) -> str | None:
     return None
 
 
+# trainer settings for this process, not for Lightning's Trainer
+PROCESS_SETTINGS = ("num_threads", "onednn")
+
+
+def use_cpu_settings(trainer_cfg: DictConfig) -> None:
+    """Threads and oneDNN as ``trainer.num_threads`` / ``trainer.onednn`` say, before any work."""
+    use_threads(trainer_cfg.get("num_threads"))
+    use_onednn(trainer_cfg.get("onednn", True))
+
+
+def trainer_options(cfg: DictConfig) -> DictConfig:
+    """``cfg.trainer`` without :data:`PROCESS_SETTINGS`: what ``lightning.Trainer`` takes.
+    A node of a copy of the whole config, so its interpolations still resolve."""
+    trainer = copy.deepcopy(cfg).trainer
+    with open_dict(trainer):
+        for key in PROCESS_SETTINGS:
+            trainer.pop(key, None)
+    return trainer
+
+
 def build_trainer(cfg: DictConfig) -> pl.Trainer:
     """The trainer with the configured callbacks and loggers, and a progress display that
     suits the output (rich bar on a terminal, log lines otherwise)."""
-    progress, show_bar = progress_callbacks(cfg.trainer.get("enable_progress_bar", True))
+    options = trainer_options(cfg)
+    progress, show_bar = progress_callbacks(options.get("enable_progress_bar", True))
     unfreeze_at = cfg.model.get("unfreeze_backbone_at_epoch")
     finetuning = [BackboneFinetuning(unfreeze_at)] if unfreeze_at is not None else []
     return instantiate(
-        cfg.trainer,
+        options,
         callbacks=_instantiate_group(cfg.get("callbacks")) + finetuning + progress,
         logger=_instantiate_group(cfg.get("logger")),
         enable_progress_bar=show_bar,
     )
 
 
-def _write_records(output_dir: Path, metrics: dict[str, Any], cfg: DictConfig, dm: TileDataModule) -> None:
+HEADLINE = ("accuracy", "f1_macro", "f1_micro", "map")
+
+
+def headline_metrics(metrics: dict[str, Any], split: str = "test") -> dict[str, float]:
+    """The few numbers a run is judged by, as the console and ``summary.md`` show them."""
+    return {f"{split}/{k}": round(float(metrics[f"{split}/{k}"]), 4) for k in HEADLINE if f"{split}/{k}" in metrics}
+
+
+def band_lines(dm: TileDataModule, network_bands: list[int] | None, statistics_head: bool) -> list[str]:
+    """``summary.md`` lines naming the loaded bands and the ones the network sees."""
+    names = dm.loaded_band_names or [f"band {b}" for b in dm.bands]
+    seen = names if network_bands is None else [names[i] for i in network_bands]
+    head = "; the band-statistics head sees every band" if statistics_head else ""
+    return [f"- bands: {', '.join(names)} ({len(names)})",
+            f"- the network sees: {', '.join(seen)} ({len(seen)}){head}"]
+
+
+def _write_records(
+    output_dir: Path, metrics: dict[str, Any], cfg: DictConfig, dm: TileDataModule, model: TileClassifier
+) -> None:
     output_dir.mkdir(parents=True, exist_ok=True)
     (output_dir / "metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True))
-    headline = [k for k in ("test/accuracy", "test/f1_macro", "test/f1_micro", "test/map") if k in metrics]
+    headline = headline_metrics(metrics)
     lines = [
         "# deforest run summary",
         "",
-        f"- data: `{cfg.data.root}` ({dm.task}, {len(dm.class_names)} classes, bands {dm.bands}, "
+        f"- data: `{cfg.data.root}` ({dm.task}, {len(dm.class_names)} classes, "
         f"tiles {dm.tile_size[0]}x{dm.tile_size[1]})",
+        *band_lines(dm, model.hparams.get("network_bands"), bool(model.hparams.get("band_statistics"))),
         f"- splits: " + ", ".join(f"{s} {len(d)}" for s, d in dm.datasets.items()),
         f"- model: {cfg.model.backbone} (weights: {cfg.model.get('weights') or 'random'}), loss scheme {cfg.loss.scheme} ({cfg.loss.normalize})",
         f"- best checkpoint: `{metrics.get('best_checkpoint', '')}`",
@@ -186,15 +234,17 @@ def _write_records(output_dir: Path, metrics: dict[str, Any], cfg: DictConfig, d
         "",
         "| metric | value |",
         "|---|---|",
-        *[f"| {k} | {metrics[k]:.4f} |" for k in headline],
+        *[f"| {k} | {v:.4f} |" for k, v in headline.items()],
         "",
     ]
     (output_dir / "summary.md").write_text("\n".join(lines))
     if dm.bad_tiles:
         (output_dir / "bad_tiles.json").write_text(json.dumps(dm.bad_tiles.problems, indent=2))
-    log.info("metrics: %s", {k: round(metrics[k], 4) for k in headline})
+    if headline:
+        log.info("metrics: %s", headline)
 
 
+@checked_overrides("train")
 @hydra.main(version_base="1.3", config_path=CONFIG_PATH, config_name="train")
 def main(cfg: DictConfig) -> float | None:
     with exit_on_user_error(AugmentationError, WeightsError), ddp_children_join_this_job():
