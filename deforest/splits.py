@@ -8,6 +8,7 @@ run it over square blocks of tiles instead of tiles, so neighbours never straddl
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import numpy as np
 
@@ -65,22 +66,59 @@ def spatial_blocks(index: TileIndex, block_size: float) -> np.ndarray:
     """
     if not block_size or block_size <= 0:
         raise ValueError(f"data.split=spatial needs data.block_size > 0 (tile CRS units), not {block_size}")
+    blocks: dict[tuple[str, int, int], int] = {}
+    out = np.empty(len(index), np.int64)
+    for i, (crs, minx, miny, maxx, maxy) in enumerate(_footprints(index)):
+        cx, cy = (minx + maxx) / 2, (miny + maxy) / 2
+        key = (crs, math.floor(cx / block_size), math.floor(cy / block_size))
+        out[i] = blocks.setdefault(key, len(blocks))
+    return out
+
+
+def _footprints(index: TileIndex) -> list[tuple[str, float, float, float, float]]:
+    """``(crs, minx, miny, maxx, maxy)`` per tile from the manifest's bounds columns."""
     missing = [c for c in BOUNDS_COLUMNS if c not in index.meta]
     if missing:
         raise DatasetError(
             f"data.split=spatial needs the manifest columns {list(BOUNDS_COLUMNS)} (deforest-tile writes them); "
             f"missing {missing}"
         )
-    blocks: dict[tuple[str, int, int], int] = {}
-    out = np.empty(len(index), np.int64)
+    out = []
     for i, (minx, miny, maxx, maxy, crs) in enumerate(zip(*(index.meta[c] for c in BOUNDS_COLUMNS))):
         try:
-            cx, cy = (float(minx) + float(maxx)) / 2, (float(miny) + float(maxy)) / 2
+            out.append((crs, float(minx), float(miny), float(maxx), float(maxy)))
         except ValueError:
             raise DatasetError(f"{index.sources[i]}: bounds {minx, miny, maxx, maxy} are not numbers") from None
-        key = (crs, math.floor(cx / block_size), math.floor(cy / block_size))
-        out[i] = blocks.setdefault(key, len(blocks))
     return out
+
+
+def edge_tiles(index: TileIndex, assignment: Sequence[str], block_size: float, buffer: float = 0.0) -> np.ndarray:
+    """Per tile, whether it must leave the split so that no pixel is in two splits.
+
+    A block belongs to the split of the tiles centred in it. A tile whose footprint, grown
+    by ``buffer`` (CRS units) on every side, reaches a block of another split (overlapping
+    tiles cut around points near a block edge) is dropped; blocks no tile is centred in go
+    to the first tile that reaches them. Every block is then reached by tiles of one split
+    only, so tiles of different splits share no pixel and lie ``2 * buffer`` apart or more.
+    """
+    if buffer < 0:
+        raise ValueError(f"data.block_buffer must be >= 0, not {buffer}")
+    footprints = _footprints(index)
+    owner: dict[tuple[str, int, int], str] = {}
+    for (crs, minx, miny, maxx, maxy), split in zip(footprints, assignment):
+        owner.setdefault((crs, math.floor((minx + maxx) / 2 / block_size), math.floor((miny + maxy) / 2 / block_size)), split)
+    drop = np.zeros(len(index), bool)
+    for i, ((crs, minx, miny, maxx, maxy), split) in enumerate(zip(footprints, assignment)):
+        # the footprint is [min, max): a tile ending on a block edge does not reach the next block
+        xs = range(math.floor((minx - buffer) / block_size), math.ceil((maxx + buffer) / block_size))
+        ys = range(math.floor((miny - buffer) / block_size), math.ceil((maxy + buffer) / block_size))
+        reached = [(crs, x, y) for x in xs for y in ys]
+        if any(owner.get(key, split) != split for key in reached):
+            drop[i] = True
+            continue
+        for key in reached:
+            owner.setdefault(key, split)
+    return drop
 
 
 def _stratify(
@@ -122,4 +160,4 @@ def assign_splits(
     return [str(s) for s in out]
 
 
-__all__ = ["SPLITS", "assign_splits", "iterative_stratification", "spatial_blocks"]
+__all__ = ["SPLITS", "assign_splits", "edge_tiles", "iterative_stratification", "spatial_blocks"]

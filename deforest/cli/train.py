@@ -9,92 +9,19 @@ from typing import Any
 
 import hydra
 import lightning.pytorch as pl
-from hydra.utils import instantiate
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
+from deforest.build import build_datamodule, build_model, build_trainer
 from deforest.cli.errors import exit_on_user_error
 from deforest.config_checks import TRAIN_RULES, check_ranges
 from deforest.datamodule import TileDataModule
 from deforest.hydra_ddp import ddp_children_join_this_job
-from deforest.module import TileClassifier
-from deforest.progress import progress_callbacks
 from deforest.report import report_on_split
 from deforest.transforms import AugmentationError
 
 log = logging.getLogger(__name__)
 
 CONFIG_PATH = "pkg://deforest.conf"
-
-
-def build_datamodule(data_cfg: DictConfig) -> TileDataModule:
-    """The datamodule from the ``data`` group (``root`` only feeds the layout)."""
-    options = OmegaConf.to_container(data_cfg, resolve=True)
-    options.pop("root", None)
-    layout = instantiate(options.pop("layout"))
-    augment = instantiate(options.pop("augment", None) or [])
-    return TileDataModule(layout=layout, augment=list(augment), **options)
-
-
-def build_model(
-    model_cfg: DictConfig, loss_cfg: DictConfig, datamodule: TileDataModule, tune_thresholds: str | None = None
-) -> TileClassifier:
-    """The classifier, sized and normalised from what the datamodule found."""
-    options = OmegaConf.to_container(model_cfg, resolve=True)
-    task = options.pop("task", None) or datamodule.task
-    if task != datamodule.task:
-        raise ValueError(f"model.task={task} but the data is {datamodule.task}")
-    optimizer = instantiate(options.pop("optimizer"))
-    scheduler = instantiate(options.pop("scheduler", None))
-    input_pool, tile = options.get("input_pool", 1), min(datamodule.tile_size)
-    if input_pool > 1 and tile // input_pool < 32:
-        log.warning(
-            "model.input_pool=%d leaves %d px of the %d px tiles: set model.input_pool=1 for small or "
-            "coarse tiles (e.g. 16 px of 30 m Landsat)", input_pool, tile // input_pool, tile,
-        )
-    network_bands = network_band_positions(options.pop("network_exclude_bands", None), datamodule)
-    loss = OmegaConf.to_container(loss_cfg, resolve=True)
-    criterion = instantiate(loss.pop("criterion", None))
-    return TileClassifier(
-        task=task,
-        class_names=datamodule.class_names,
-        band_mean=datamodule.band_mean,
-        band_std=datamodule.band_std,
-        log_scale=datamodule.log_scale,
-        bands=datamodule.bands,
-        tile_size=list(datamodule.tile_size),
-        source_band_count=datamodule.source_band_count,
-        loss=loss,
-        optimizer=optimizer,
-        scheduler=scheduler,
-        criterion=criterion,
-        tune_thresholds=tune_thresholds,
-        network_bands=network_bands,
-        **options,
-    )
-
-
-def network_band_positions(exclude: list[str] | None, datamodule: TileDataModule) -> list[int] | None:
-    """Positions among the loaded bands that the network sees: all but the ``exclude`` names.
-
-    ``None`` (every band) when nothing is excluded or the data has no band names; names
-    the data lacks are ignored, so one model config suits Sentinel-2 and other sensors.
-    """
-    names = datamodule.loaded_band_names
-    if not exclude or names is None:
-        return None
-    positions = [i for i, name in enumerate(names) if name not in exclude]
-    if not positions:
-        raise ValueError(f"model.network_exclude_bands={exclude} leaves the network none of the bands {names}")
-    if len(positions) == len(names):
-        return None
-    log.info("the network sees bands %s (model.network_exclude_bands=%s)", [names[i] for i in positions], exclude)
-    return positions
-
-
-def _instantiate_group(group: DictConfig | None) -> list[Any]:
-    if not group:
-        return []
-    return [instantiate(node) for node in group.values() if node is not None and "_target_" in node]
 
 
 def train(cfg: DictConfig) -> dict[str, float]:
@@ -134,18 +61,6 @@ def resume_path(ckpt_path: str | None, output_dir: Path) -> str | None:
     return None
 
 
-def build_trainer(cfg: DictConfig) -> pl.Trainer:
-    """The trainer with the configured callbacks and loggers, and a progress display that
-    suits the output (rich bar on a terminal, log lines otherwise)."""
-    progress, show_bar = progress_callbacks(cfg.trainer.get("enable_progress_bar", True))
-    return instantiate(
-        cfg.trainer,
-        callbacks=_instantiate_group(cfg.get("callbacks")) + progress,
-        logger=_instantiate_group(cfg.get("logger")),
-        enable_progress_bar=show_bar,
-    )
-
-
 def _write_records(output_dir: Path, metrics: dict[str, Any], cfg: DictConfig, dm: TileDataModule) -> None:
     output_dir.mkdir(parents=True, exist_ok=True)
     (output_dir / "metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True))
@@ -155,7 +70,8 @@ def _write_records(output_dir: Path, metrics: dict[str, Any], cfg: DictConfig, d
         "",
         f"- data: `{cfg.data.root}` ({dm.task}, {len(dm.class_names)} classes, bands {dm.bands}, "
         f"tiles {dm.tile_size[0]}x{dm.tile_size[1]})",
-        f"- splits: " + ", ".join(f"{s} {len(d)}" for s, d in dm.datasets.items()),
+        f"- splits: " + ", ".join(f"{s} {len(d)}" for s, d in dm.datasets.items())
+        + f" ({dm.input_spec.split.kind}, digest {dm.input_spec.split.digest}, {dm.dropped_at_edges} dropped at block edges)",
         f"- model: {cfg.model.backbone}, loss scheme {cfg.loss.scheme} ({cfg.loss.normalize})",
         f"- best checkpoint: `{metrics.get('best_checkpoint', '')}`",
         f"- bad tiles skipped: {len(dm.bad_tiles)}" + (" (listed in `bad_tiles.json`)" if dm.bad_tiles else ""),
