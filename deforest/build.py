@@ -16,7 +16,6 @@ import lightning.pytorch as pl
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from deforest.contract import InputSpec
 from deforest.datamodule import TileDataModule
 from deforest.module import TileClassifier
 from deforest.progress import progress_callbacks
@@ -104,4 +103,4 @@ def build_trainer(cfg: DictConfig) -> pl.Trainer:
     )
 
 
-__all__ = ["InputSpec", "build_datamodule", "build_model", "build_trainer", "instantiate_group", "network_band_positions"]
+__all__ = ["build_datamodule", "build_model", "build_trainer", "instantiate_group", "network_band_positions"]

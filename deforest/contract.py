@@ -11,14 +11,19 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import math
+import os
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 import numpy as np
 
+from deforest.datasets import MULTICLASS, DatasetError, TileIndex
 from deforest.validation import fill_nodata, valid_pixels
+
+log = logging.getLogger(__name__)
 
 #: ways of turning raw band values into the values the statistics standardise
 TRANSFORMS = ("log1p", "scale")
@@ -176,3 +181,28 @@ def untrained_spec(task: str, class_names: Sequence[str], band_count: int, tile_
         tile_size=[tile_size, tile_size],
     )
     return replace(spec, **changes)
+
+
+def align_classes(index: TileIndex, spec: InputSpec, root: str | os.PathLike) -> TileIndex:
+    """``index`` with its targets in the contract's class order (evaluating a checkpoint).
+
+    A multi-class tile of a class the model does not know cannot be scored: an error.
+    Multi-label tags the model does not know are dropped with a warning.
+    """
+    known = {name: i for i, name in enumerate(spec.class_names)}
+    unknown = [n for n in index.class_names if n not in known]
+    if index.task == MULTICLASS:
+        present = {index.class_names[t] for t in index.targets.tolist()}
+        if present & set(unknown):
+            raise DatasetError(
+                f"{root}: class(es) {sorted(present & set(unknown))} are not among the checkpoint's classes {spec.class_names}"
+            )
+        targets = np.asarray([known[index.class_names[t]] for t in index.targets.tolist()], np.int64)
+    else:
+        if unknown:
+            log.warning("labels %s are not among the checkpoint's classes and are ignored", unknown)
+        targets = np.zeros((len(index), len(known)), np.uint8)
+        for column, name in enumerate(index.class_names):
+            if name in known:
+                targets[:, known[name]] = index.targets[:, column]
+    return TileIndex(index.task, list(spec.class_names), index.sources, targets, index.splits, index.meta)

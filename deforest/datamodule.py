@@ -20,11 +20,11 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from deforest.contract import InputSpec, Normalization, SplitRecord
+from deforest.contract import InputSpec, Normalization, SplitRecord, align_classes
 from deforest.datasets import MULTICLASS, SPLITS, DatasetError, TileIndex, TileLayout, describe_split_counts
 from deforest.io import RasterHeader, TileError, file_fingerprint, read_header, resolve_bands
 from deforest.pack import PackedLayout
-from deforest.splits import assign_splits, edge_tiles, spatial_blocks
+from deforest.splits import assign_splits, edge_tiles, imbalance_mask, restore_split, spatial_blocks, subset
 from deforest.statistics import JsonCache, measure_band_statistics, sample_rows
 from deforest.transforms import build_augmentation, random_d4
 from deforest.validation import (
@@ -259,7 +259,7 @@ class TileDataModule(pl.LightningDataModule):
         self._drop_bad_tiles()  # tiles that failed while measuring the statistics
         index, assignment = self.index, self.assignment
         if self.reference is not None:
-            index = self.index = _align_classes(index, self.reference, self.layout.root)
+            index = self.index = align_classes(index, self.reference, self.layout.root)
         self.input_spec = self._contract(normalization)
         augment = build_augmentation(self.augment_transforms, self.num_bands, self.tile_size)
         if augment is not None:
@@ -300,7 +300,9 @@ class TileDataModule(pl.LightningDataModule):
         """The checkpoint's split lists (evaluation), or a split made from the config."""
         record = self.reference.split if self.reference is not None else None
         if record is not None and not self.resplit:
-            return self._split_from_record(index, record)
+            index, assignment = restore_split(index, record, self.layout.root)
+            self.dropped_at_edges = record.dropped_at_edges
+            return index, assignment
         if record is not None:
             log.warning(
                 "resplit=true: evaluating on a split made from this config (data.split=%s, seed %d), "
@@ -317,42 +319,13 @@ class TileDataModule(pl.LightningDataModule):
                     "%d tile(s) left out: they reach into a block of another split (data.block_size=%s, "
                     "data.block_buffer=%s)", self.dropped_at_edges, self.block_size, self.block_buffer,
                 )
-                index = _subset(index, ~edge)
+                index = subset(index, ~edge)
                 assignment = [a for a, e in zip(assignment, edge) if not e]
         if self.imbalance:
-            keep = self._imbalance_mask(index, assignment)
-            index = _subset(index, keep)
+            keep = imbalance_mask(index, assignment, self.imbalance, self.seed)
+            index = subset(index, keep)
             assignment = [a for a, k in zip(assignment, keep) if k]
         return index, assignment
-
-    def _split_from_record(self, index: TileIndex, record: SplitRecord) -> tuple[TileIndex, list[str]]:
-        """Each listed tile in its recorded split, in the recorded order; unlisted tiles left out."""
-        position = {source: n for n, source in enumerate(index.sources)}
-        rows, assignment, missing = [], [], 0
-        for split in SPLITS:
-            for relative in record.lists.get(split, []):
-                n = position.get(os.path.join(self.layout.root, relative))
-                if n is None:
-                    missing += 1
-                    continue
-                rows.append(n)
-                assignment.append(split)
-        if not rows:
-            raise DatasetError(
-                f"{self.layout.root}: none of the {missing} tiles of the checkpoint's split is here; "
-                "to evaluate on other tiles, split them with resplit=true"
-            )
-        if missing:
-            log.warning("%d tile(s) of the checkpoint's split are not under %s", missing, self.layout.root)
-        if len(rows) < len(index):
-            log.info("%d tile(s) under %s are in none of the checkpoint's splits: left out", len(index) - len(rows), self.layout.root)
-        log.info("split: the checkpoint's (%s, %s, seed %d, %s)", record.kind, record.layout, record.seed, record.digest)
-        self.dropped_at_edges = record.dropped_at_edges
-        ordered = TileIndex(
-            index.task, index.class_names, [index.sources[n] for n in rows], index.targets[rows],
-            [index.splits[n] for n in rows], {k: [v[n] for n in rows] for k, v in index.meta.items()},
-        )
-        return ordered, assignment
 
     def _contract(self, normalization: Normalization) -> InputSpec:
         """What a model built on this data expects of its input (see :mod:`deforest.contract`)."""
@@ -409,26 +382,10 @@ class TileDataModule(pl.LightningDataModule):
         index = self._index()
         keep = np.asarray([s not in self.bad_tiles.problems for s in index.sources])
         if not keep.all():
-            self.index = _subset(index, keep)
+            self.index = subset(index, keep)
             self.assignment = [a for a, k in zip(self.assignment, keep) if k]
             log.warning("%d bad tile(s) skipped (data.on_bad_tile=skip)", len(self.bad_tiles))
         self._check_splits()
-
-    def _imbalance_mask(self, index: TileIndex, assignment: list[str]) -> np.ndarray:
-        """Keep each training sample with the fraction of its (rarest kept) class."""
-        fractions = np.asarray(
-            [self.imbalance.get(name, self.imbalance.get("*", 1.0)) for name in index.class_names]
-        )
-        unknown = set(self.imbalance) - set(index.class_names) - {"*"}
-        if unknown:
-            raise ValueError(f"data.imbalance names unknown classes {sorted(unknown)}")
-        one_hot = index.one_hot().astype(bool)
-        per_sample = np.where(one_hot, fractions[None, :], np.inf).min(axis=1)
-        per_sample[np.isinf(per_sample)] = fractions.min()
-        rng = np.random.default_rng(self.seed)
-        draw = rng.random(len(index))
-        is_train = np.asarray(assignment) == "train"
-        return ~is_train | (draw < per_sample)
 
     def _check_splits(self) -> None:
         if self.evaluation_only:
@@ -558,40 +515,3 @@ def _seed_worker(worker_id: int) -> None:
     info = torch.utils.data.get_worker_info()
     if info.dataset.augment is not None:
         info.dataset.augment.set_random_seed(info.seed % 2**32)
-
-
-def _subset(index: TileIndex, keep: np.ndarray) -> TileIndex:
-    rows = np.flatnonzero(keep)
-    return TileIndex(
-        index.task,
-        index.class_names,
-        [index.sources[i] for i in rows],
-        index.targets[rows],
-        [index.splits[i] for i in rows],
-        {k: [v[i] for i in rows] for k, v in index.meta.items()},
-    )
-
-
-def _align_classes(index: TileIndex, spec: InputSpec, root: os.PathLike | str) -> TileIndex:
-    """Targets in the checkpoint's class order.
-
-    A multi-class tile of a class the model does not know cannot be scored: an error.
-    Multi-label tags the model does not know are dropped with a warning.
-    """
-    known = {name: i for i, name in enumerate(spec.class_names)}
-    unknown = [n for n in index.class_names if n not in known]
-    if index.task == MULTICLASS:
-        present = {index.class_names[t] for t in index.targets.tolist()}
-        if present & set(unknown):
-            raise DatasetError(
-                f"{root}: class(es) {sorted(present & set(unknown))} are not among the checkpoint's classes {spec.class_names}"
-            )
-        targets = np.asarray([known[index.class_names[t]] for t in index.targets.tolist()], np.int64)
-    else:
-        if unknown:
-            log.warning("labels %s are not among the checkpoint's classes and are ignored", unknown)
-        targets = np.zeros((len(index), len(known)), np.uint8)
-        for column, name in enumerate(index.class_names):
-            if name in known:
-                targets[:, known[name]] = index.targets[:, column]
-    return TileIndex(index.task, list(spec.class_names), index.sources, targets, index.splits, index.meta)

@@ -7,12 +7,17 @@ run it over square blocks of tiles instead of tiles, so neighbours never straddl
 
 from __future__ import annotations
 
+import logging
 import math
+import os
 from collections.abc import Sequence
 
 import numpy as np
 
+from deforest.contract import SplitRecord
 from deforest.datasets import SPLITS, DatasetError, TileIndex
+
+log = logging.getLogger(__name__)
 
 BOUNDS_COLUMNS = ("minx", "miny", "maxx", "maxy", "crs")
 
@@ -160,4 +165,60 @@ def assign_splits(
     return [str(s) for s in out]
 
 
-__all__ = ["SPLITS", "assign_splits", "edge_tiles", "iterative_stratification", "spatial_blocks"]
+def subset(index: TileIndex, keep: np.ndarray) -> TileIndex:
+    """The samples of ``index`` where ``keep`` (a boolean mask or row numbers), in that order."""
+    rows = np.flatnonzero(keep) if np.asarray(keep).dtype == bool else np.asarray(keep, np.int64)
+    return TileIndex(
+        index.task,
+        index.class_names,
+        [index.sources[i] for i in rows],
+        index.targets[rows],
+        [index.splits[i] for i in rows],
+        {k: [v[i] for i in rows] for k, v in index.meta.items()},
+    )
+
+
+def restore_split(index: TileIndex, record: SplitRecord, root: str | os.PathLike) -> tuple[TileIndex, list[str]]:
+    """A checkpoint's split on the tiles under ``root``: each listed tile in its recorded split and
+    order (so dataset positions match training's); tiles in no list are left out."""
+    position = {source: n for n, source in enumerate(index.sources)}
+    rows, assignment, missing = [], [], 0
+    for split in SPLITS:
+        for relative in record.lists.get(split, []):
+            n = position.get(os.path.join(root, relative))
+            if n is None:
+                missing += 1
+                continue
+            rows.append(n)
+            assignment.append(split)
+    if not rows:
+        raise DatasetError(
+            f"{root}: none of the {missing} tiles of the checkpoint's split is here; "
+            "to evaluate on other tiles, split them with resplit=true"
+        )
+    if missing:
+        log.warning("%d tile(s) of the checkpoint's split are not under %s", missing, root)
+    if len(rows) < len(index):
+        log.info("%d tile(s) under %s are in none of the checkpoint's splits: left out", len(index) - len(rows), root)
+    log.info("split: the checkpoint's (%s, %s, seed %d, %s)", record.kind, record.layout, record.seed, record.digest)
+    return subset(index, rows), assignment
+
+
+def imbalance_mask(index: TileIndex, assignment: Sequence[str], imbalance: dict[str, float], seed: int) -> np.ndarray:
+    """Keep each training sample with the fraction of its (rarest kept) class (``"*"``: the rest)."""
+    fractions = np.asarray([imbalance.get(name, imbalance.get("*", 1.0)) for name in index.class_names])
+    unknown = set(imbalance) - set(index.class_names) - {"*"}
+    if unknown:
+        raise ValueError(f"data.imbalance names unknown classes {sorted(unknown)}")
+    one_hot = index.one_hot().astype(bool)
+    per_sample = np.where(one_hot, fractions[None, :], np.inf).min(axis=1)
+    per_sample[np.isinf(per_sample)] = fractions.min()
+    draw = np.random.default_rng(seed).random(len(index))
+    is_train = np.asarray(assignment) == "train"
+    return ~is_train | (draw < per_sample)
+
+
+__all__ = [
+    "SPLITS", "assign_splits", "edge_tiles", "imbalance_mask", "iterative_stratification", "restore_split",
+    "spatial_blocks", "subset",
+]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -22,7 +23,10 @@ def test_fast_dev_run_multiclass(train_config, tmp_path):
     assert 0.0 <= metrics["test/accuracy"] <= 1.0
     written = json.loads((tmp_path / "metrics.json").read_text())
     assert set(f"test/recall/{c}" for c in ("Forest", "River", "SeaLake")) <= set(written)
-    assert (tmp_path / "summary.md").is_file() and (tmp_path / "class_distribution.png").stat().st_size > 1000
+    summary = (tmp_path / "summary.md").read_text()
+    assert re.search(r"- splits: train 196, val 20, test 54 \(random, digest [0-9a-f]{16}, 0 dropped at block edges\)", summary)
+    assert f"| test/accuracy | {metrics['test/accuracy']:.4f} |" in summary
+    assert (tmp_path / "class_distribution.png").stat().st_size > 1000
 
 
 def test_fast_dev_run_multilabel_bigearthnet(train_config, bigearthnet_root, tmp_path):
