@@ -22,8 +22,9 @@ from torch import Tensor
 from deforest.contract import InputSpec
 from deforest.datasets import MULTICLASS, MULTILABEL
 from deforest.losses import Criterion, DynamicWeightedLoss
-from deforest.metrics import TUNING_BETAS, build_metrics, cross_fitted_thresholds, metric_inputs, tune_thresholds
+from deforest.metrics import build_metrics, metric_inputs
 from deforest.models import BandStatistics, build_backbone
+from deforest.thresholds import ThresholdTuner
 from deforest.transforms import BandNormalizer, d4_views
 
 log = logging.getLogger(__name__)
@@ -54,7 +55,7 @@ class TileClassifier(pl.LightningModule):
             validation epoch to maximise that score per label, so each checkpoint carries
             the thresholds of its own weights; ``None`` keeps them fixed. The validation
             scores are then computed at thresholds tuned on the other half of the
-            validation tiles (:func:`deforest.metrics.cross_fitted_thresholds`).
+            validation tiles (:class:`deforest.thresholds.ThresholdTuner`).
         nonfinite_loss: ``error`` stops on a NaN/inf loss naming the batch; ``skip`` skips it.
         criterion: optional custom loss receiving the batch weights.
         channels_last: run the network in NHWC memory layout (faster convolutions on GPUs).
@@ -86,8 +87,7 @@ class TileClassifier(pl.LightningModule):
             raise ValueError(f"model.task must be {MULTICLASS} or {MULTILABEL}, not {spec.task!r}")
         if nonfinite_loss not in ("error", "skip"):
             raise ValueError(f"model.nonfinite_loss must be error or skip, not {nonfinite_loss!r}")
-        if tune_thresholds is not None and tune_thresholds not in TUNING_BETAS:
-            raise ValueError(f"model.tune_thresholds must be one of {sorted(TUNING_BETAS)} or null, not {tune_thresholds!r}")
+        tuner = ThresholdTuner(tune_thresholds) if tune_thresholds is not None else None
         input_spec = spec.to_dict()  # plain data in the checkpoint's hyper-parameters
         self.save_hyperparameters(ignore=["optimizer", "scheduler", "criterion"])
         self.spec = spec
@@ -116,7 +116,7 @@ class TileClassifier(pl.LightningModule):
         self.scheduler_interval = scheduler_interval
         self.tta = tta
         self.nonfinite_loss = nonfinite_loss
-        self.tune_thresholds = tune_thresholds if spec.task == MULTILABEL else None
+        self.threshold_tuner = tuner if spec.task == MULTILABEL else None
         self.channels_last = channels_last
         self.compile_options = ({} if compile is True else dict(compile)) if compile else None
         self.register_buffer("thresholds", torch.as_tensor(spec.decision_thresholds(), dtype=torch.float32))
@@ -231,14 +231,13 @@ class TileClassifier(pl.LightningModule):
         local = {key: torch.cat([o[key] for o in outputs]) for key in outputs[0]}
         gathered = self._gather(local)
         thresholds: Tensor = self.thresholds
-        if stage == "val" and self.tune_thresholds and not self.trainer.sanity_checking:
-            probs, target = gathered["probs"].cpu(), gathered["target"].cpu()
-            self.thresholds.copy_(tune_thresholds(probs, target, self.tune_thresholds))
-            # score each tile at thresholds tuned on the other tiles: the checkpoint and sweep
+        if stage == "val" and self.threshold_tuner is not None and not self.trainer.sanity_checking:
+            kept, scoring = self.threshold_tuner.fit(gathered["probs"].cpu(), gathered["target"].cpu())
+            self.thresholds.copy_(kept)
+            # each tile scored at thresholds tuned on the other tiles: the checkpoint and sweep
             # selection then see what the thresholds give on data they were not tuned on
-            fitted = cross_fitted_thresholds(probs, target, self.tune_thresholds)
             row = {i: r for r, i in enumerate(gathered["index"].tolist())}
-            thresholds = fitted[[row[i] for i in local["index"].tolist()]]
+            thresholds = scoring[[row[i] for i in local["index"].tolist()]]
         self.predictions[stage] = {key: value.cpu() for key, value in gathered.items()}
         collections = self.metrics[stage]
         for kind, inputs in metric_inputs(self.task, local["probs"], local["target"], thresholds).items():

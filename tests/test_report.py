@@ -31,7 +31,7 @@ from deforest.cli.eval import evaluate
 from deforest.build import build_datamodule
 from deforest.cli.train import train
 from deforest.datasets import DatasetError
-from deforest.metrics import cross_fitted_thresholds, tune_thresholds
+from deforest.thresholds import cross_fitted_thresholds, tune_thresholds
 from deforest.module import TileClassifier
 from deforest.progress import LineProgress, progress_callbacks
 
