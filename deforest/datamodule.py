@@ -333,21 +333,11 @@ class TileDataModule(pl.LightningDataModule):
         root = self.layout.root
         lists = {split: [os.path.relpath(s, root) for s, a in zip(index.sources, self.assignment) if a == split]
                  for split in SPLITS}
-        layout = self.layout.source if isinstance(self.layout, PackedLayout) else self.layout
-        record = SplitRecord(
-            layout=type(layout).__name__,
-            root=str(root),
-            kind=self.reference.split.kind if self.reference and self.reference.split and not self.resplit else self.split,
-            seed=self.seed,
-            val_fraction=self.val_fraction,
-            test_fraction=self.test_fraction,
-            lists=lists,
-            block_size=self.block_size,
-            buffer=self.block_buffer,
-            dropped_at_edges=self.dropped_at_edges,
-            class_counts=self.split_counts(),
-        )
-        if self.reference is not None:
+        counts = self.split_counts()
+        if self.reference is not None:  # evaluation: the checkpoint's contract, with these tiles' split
+            kept = self.reference.split if self.reference.split is not None and not self.resplit else None
+            record = (replace(kept, root=str(root), lists=lists, class_counts=counts) if kept is not None
+                      else self._split_record(root, lists, counts))
             return replace(self.reference, split=record)
         return InputSpec(
             task=index.task,
@@ -359,7 +349,24 @@ class TileDataModule(pl.LightningDataModule):
             normalization=normalization,
             tile_size=list(self.tile_size),
             band_names=self.loaded_band_names,
-            split=record,
+            split=self._split_record(root, lists, counts),
+        )
+
+    def _split_record(self, root: os.PathLike | str, lists: dict[str, list[str]], counts: dict) -> SplitRecord:
+        """How this config split the tiles, and the resulting lists."""
+        layout = self.layout.source if isinstance(self.layout, PackedLayout) else self.layout
+        return SplitRecord(
+            layout=type(layout).__name__,
+            root=str(root),
+            kind=self.split,
+            seed=self.seed,
+            val_fraction=self.val_fraction,
+            test_fraction=self.test_fraction,
+            lists=lists,
+            block_size=self.block_size,
+            buffer=self.block_buffer,
+            dropped_at_edges=self.dropped_at_edges,
+            class_counts=counts,
         )
 
     def _reference_header(self, index: TileIndex) -> RasterHeader:

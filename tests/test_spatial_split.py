@@ -6,12 +6,14 @@ import json
 
 import numpy as np
 import pytest
+import torch
 from hydra import compose, initialize_config_module
 
 from conftest import REPO, compose_train_config
 from deforest.build import build_datamodule
 from deforest.cli.eval import evaluate
 from deforest.cli.train import train
+from deforest.contract import split_digest
 from deforest.datasets import MULTICLASS, DatasetError, TileIndex
 from deforest.labelling import VectorLabels
 from deforest.scene import Scene
@@ -123,7 +125,9 @@ def test_deforest_eval_scores_the_checkpoints_spatial_split(rondonia_tiles, tmp_
     evaluated = run_eval("eval")
     for key in ("test/accuracy", "test/f1_macro", "test/kappa", "test/loss"):
         assert evaluated[key] == pytest.approx(metrics[key], abs=1e-6), key
-    assert evaluated["split_source"] == "checkpoint"
+    trained = torch.load(metrics["best_checkpoint"], map_location="cpu", weights_only=True)["input_spec"]["split"]
+    assert evaluated["split_source"] == "checkpoint" and evaluated["split_digest"] == split_digest(trained["lists"])
+    assert trained["kind"] == "spatial" and trained["block_size"] == 1500 and trained["dropped_at_edges"] == 24
     assert json.loads((tmp_path / "eval" / "metrics.json").read_text())["test/accuracy"] == evaluated["test/accuracy"]
     other = run_eval("resplit", "resplit=true")  # the config's random split, asked for and recorded
     assert other["split_source"] == "config" and other["split_digest"] != evaluated["split_digest"]
