@@ -66,13 +66,12 @@ def weighting(batch: int, size: int, reps: int) -> dict:
 
 
 def _model(width: int):
+    from deforest.contract import Normalization, untrained_spec
     from deforest.module import TileClassifier
-    from deforest.predict import ModelSpec
 
-    model = TileClassifier("multiclass", [f"c{i}" for i in range(10)], [500.0] * BANDS, [100.0] * BANDS,
-                           log_scale=False, bands=list(range(1, BANDS + 1)), tile_size=[64, 64], width=width).eval()
-    spec = ModelSpec("multiclass", model.class_names, list(range(1, BANDS + 1)), BANDS, 64, np.full(10, 0.5, np.float32))
-    return model, spec
+    norm = Normalization([500.0] * BANDS, [100.0] * BANDS, transform="scale")
+    spec = untrained_spec("multiclass", [f"c{i}" for i in range(10)], BANDS, 64, normalization=norm)
+    return TileClassifier(spec, width=width).eval(), spec
 
 
 def predict(scene_path: Path, out: Path, width: int, reps: int, batch: int) -> dict:
@@ -86,7 +85,7 @@ def predict(scene_path: Path, out: Path, width: int, reps: int, batch: int) -> d
     model, spec = _model(width)
     with rasterio.open(scene_path) as src:
         data = src.read()
-    t = spec.tile_size
+    t = spec.tile_size[0]
     windows = data.reshape(BANDS, data.shape[1] // t, t, data.shape[2] // t, t).transpose(1, 3, 0, 2, 4)
     windows = np.ascontiguousarray(windows.reshape(-1, BANDS, t, t))
     n = len(windows)
@@ -129,7 +128,7 @@ def epoch(work: Path, epochs: int, limit_batches: int | None) -> dict:
     from hydra import compose, initialize_config_module
     from hydra.utils import instantiate
 
-    from deforest.cli.train import build_datamodule, build_model, trainer_options
+    from deforest.build import build_datamodule, build_model, trainer_options
 
     repo = Path(__file__).resolve().parents[1]
     overrides = [f"paths.root_dir={repo}", f"paths.cache_dir={work / 'cache'}", f"trainer.max_epochs={epochs}",

@@ -18,6 +18,7 @@ TRAIN_RULES: tuple[Rule, ...] = (
     ("data.batch_size", 1, True),
     ("data.num_workers", 0, True),
     ("data.stats_max_samples", 1, True),
+    ("data.block_buffer", 0, True),
     ("data.layout.size", 1, True),
     ("model.input_pool", 1, True),
     ("model.optimizer.lr", 0, False),

@@ -1,16 +1,17 @@
 """The Lightning datamodule: index, split, validate, measure band statistics, load.
 
+It produces the :class:`~deforest.contract.InputSpec` a model is built from, and for
+evaluation takes a checkpoint's one back: the same bands, fill, normalisation and split.
 Everything that can fail on bad input fails in :meth:`TileDataModule.setup`, in the main
 process and before the first training step, with the file named.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
+import os
 from collections.abc import Mapping, Sequence
-from pathlib import Path
+from dataclasses import replace
 
 import albumentations as A
 import lightning.pytorch as pl
@@ -19,6 +20,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from deforest.contract import InputSpec, Normalization, SplitRecord, align_classes
 from deforest.datasets import (
     MULTICLASS,
     SPLITS,
@@ -30,7 +32,8 @@ from deforest.datasets import (
 )
 from deforest.io import RasterHeader, TileError, file_fingerprint, read_header, resolve_bands
 from deforest.pack import PackedLayout
-from deforest.splits import assign_splits, spatial_blocks
+from deforest.splits import assign_splits, edge_tiles, imbalance_mask, restore_split, spatial_blocks, subset
+from deforest.statistics import JsonCache, measure_band_statistics, sample_rows
 from deforest.transforms import build_augmentation, random_d4
 from deforest.validation import (
     BadTiles,
@@ -38,14 +41,11 @@ from deforest.validation import (
     check_pixels,
     collate_tiles,
     fill_nodata,
-    nodata_fill,
     reference_header,
     valid_pixels,
 )
 
 log = logging.getLogger(__name__)
-
-STATS_VERSION = 2
 # headers read to decide the dataset's band count and tile size (the commonest wins)
 REFERENCE_SAMPLE = 32
 
@@ -110,7 +110,11 @@ class TileDataModule(pl.LightningDataModule):
         batch_size, num_workers, pin_memory, persistent_workers: DataLoader settings.
         val_fraction, test_fraction: shares for samples without a given split.
         split, block_size: ``random``, or ``spatial``: whole squares of ``block_size`` (tile
-            CRS units) go to one split, from the bounds columns ``deforest-tile`` writes.
+            CRS units) go to one split, from the bounds columns ``deforest-tile`` writes;
+            tiles reaching into a block of another split are dropped (counted in the log
+            and the contract), so no pixel is in two splits.
+        block_buffer: spatial: grow each tile's footprint by this (CRS units) before that
+            check, keeping tiles of different splits at least twice as far apart.
         seed: seeds the split and the statistics sample.
         augment: albumentations transforms for training (instantiated by Hydra).
         log_scale: normalise ``log1p`` of the values (stored with the statistics).
@@ -128,6 +132,10 @@ class TileDataModule(pl.LightningDataModule):
         split_files: ``{train: path, val: path, test: path}``: lists of sample names that set
             the splits (TorchGeo's ``eurosat-train.txt`` ...); unlisted samples are left out
             (:func:`deforest.datasets.apply_split_lists`).
+        input_spec: evaluation: a checkpoint's contract. Its bands, nodata fill,
+            normalisation and class order are used, and its split unless ``resplit``.
+        resplit: evaluation: split with this config's settings instead of the checkpoint's lists.
+        test_split: the split :meth:`test_dataloader` serves (``deforest-eval split=val``).
     """
 
     def __init__(
@@ -142,6 +150,7 @@ class TileDataModule(pl.LightningDataModule):
         test_fraction: float = 0.2,
         split: str = "random",
         block_size: float | None = None,
+        block_buffer: float = 0.0,
         seed: int = 42,
         augment: Sequence[A.BasicTransform] | None = None,
         log_scale: bool = True,
@@ -153,6 +162,9 @@ class TileDataModule(pl.LightningDataModule):
         packed: str | None = None,
         device_flips: bool = False,
         split_files: Mapping[str, str] | None = None,
+        input_spec: InputSpec | None = None,
+        resplit: bool = False,
+        test_split: str = "test",
     ) -> None:
         super().__init__()
         if batch_size < 1:
@@ -174,11 +186,16 @@ class TileDataModule(pl.LightningDataModule):
         self.test_fraction = test_fraction
         if split not in ("random", "spatial"):
             raise ValueError(f"data.split must be random or spatial, not {split!r}")
-        self.split, self.block_size = split, block_size
+        self.split, self.block_size, self.block_buffer = split, block_size, block_buffer
+        if test_split not in SPLITS:
+            raise ValueError(f"split must be one of {SPLITS}, not {test_split!r}")
+        self.test_split = test_split
+        self.reference = input_spec
+        self.resplit = resplit
         self.seed = seed
         self.augment_transforms = list(augment or [])
         self.log_scale = log_scale
-        self.cache_dir = Path(cache_dir).expanduser() if cache_dir else None
+        self.cache = JsonCache(cache_dir)
         self.stats_max_samples = stats_max_samples
         self.imbalance = dict(imbalance) if imbalance else None
         self.validate = validate
@@ -187,6 +204,10 @@ class TileDataModule(pl.LightningDataModule):
         self.index: TileIndex | None = None
         self.assignment: list[str] = []
         self.datasets: dict[str, TileDataset] = {}
+        #: tiles dropped at spatial block edges
+        self.dropped_at_edges = 0
+        #: the contract the model is built from (after :meth:`setup`)
+        self.input_spec: InputSpec | None = None
         #: set by ``setup("test"|"predict")``: a checkpoint brings the statistics, so the data
         #: need no training or validation tiles (a test-only folder can be evaluated)
         self.evaluation_only = False
@@ -205,13 +226,22 @@ class TileDataModule(pl.LightningDataModule):
         return len(self.bands)
 
     @property
-    def loaded_band_names(self) -> list[str] | None:
-        """Names of the loaded bands, in order; ``None`` when the data config's band names
-        do not describe these files (no names, or a different band count)."""
+    def source_band_names(self) -> list[str] | None:
+        """Names of the files' bands: their own descriptions when every band has one, else
+        the data config's band names when they fit the band count, else ``None``."""
+        described = self.reference_header.descriptions
+        if len(described) == self.source_band_count and all(described):
+            return list(described)
         names = self.layout.band_names
         if not names or len(names) != self.source_band_count:
             return None
-        return [names[b - 1] for b in self.bands]
+        return list(names)
+
+    @property
+    def loaded_band_names(self) -> list[str] | None:
+        """Names of the loaded bands, in order (``None``: the bands have no names)."""
+        names = self.source_band_names
+        return None if names is None else [names[b - 1] for b in self.bands]
 
     def _index(self) -> TileIndex:
         if self.index is None:
@@ -228,31 +258,24 @@ class TileDataModule(pl.LightningDataModule):
             index = apply_split_lists(index, self.split_files)
         if len(index) == 0:
             raise DatasetError(f"{self.layout.root}: no tiles found")
-        first = self._reference_header(index)
+        if self.reference is not None and index.task != self.reference.task:
+            raise DatasetError(f"{self.layout.root}: the data is {index.task}, the checkpoint {self.reference.task}")
+        first = self.reference_header = self._reference_header(index)
         self.nodata = first.nodata
         self.source_band_count = self.layout.band_count(first.count)
-        try:
-            self.bands = resolve_bands(self.band_selection, self.layout.band_names, self.source_band_count)
-        except ValueError as err:
-            raise DatasetError(
-                f"{self.layout.root}: the tiles have {self.source_band_count} bands; data.bands: {err}"
-            ) from None
-        groups = spatial_blocks(index, self.block_size) if self.split == "spatial" else None
-        assignment = assign_splits(index, self.val_fraction, self.test_fraction, self.seed, groups)
-        if self.imbalance:
-            keep = self._imbalance_mask(index, assignment)
-            index = _subset(index, keep)
-            assignment = [a for a, k in zip(assignment, keep) if k]
+        self.bands = self._resolve_bands()
+        index, assignment = self._split(index)
         self.index, self.assignment = index, assignment
         self.tile_size = self._validate_headers(first)
         if self.validate == "full":
             self._validate_pixels()
         self._drop_bad_tiles()
-        self.band_mean, self.band_std = self._band_statistics()
+        normalization = self._normalization()
         self._drop_bad_tiles()  # tiles that failed while measuring the statistics
         index, assignment = self.index, self.assignment
-        # nodata pixels get the raw value that normalises to 0 (see deforest.validation)
-        fill = nodata_fill(self.band_mean, self.log_scale)
+        if self.reference is not None:
+            index = self.index = align_classes(index, self.reference, self.layout.root)
+        self.input_spec = self._contract(normalization)
         augment = build_augmentation(self.augment_transforms, self.num_bands, self.tile_size)
         if augment is not None:
             augment.set_random_seed(self.seed)  # albumentations ignores the global seed
@@ -267,10 +290,99 @@ class TileDataModule(pl.LightningDataModule):
                 self.bands,
                 augment if split == "train" else None,
                 nodata=self.nodata,
-                fill=fill,
+                fill=self.input_spec.fill,
             )
         counts = {s: len(d) for s, d in self.datasets.items()}
         log.info("%d tiles, %d classes, bands %s, splits %s", len(index), index.num_classes, self.bands, counts)
+
+    def _resolve_bands(self) -> list[int]:
+        """The configured bands, or the checkpoint's (which must fit these files)."""
+        if self.reference is not None:
+            if self.reference.source_band_count != self.source_band_count:
+                raise DatasetError(
+                    f"{self.layout.root}: the tiles have {self.source_band_count} bands, the checkpoint was "
+                    f"trained on {self.reference.source_band_count}-band tiles"
+                )
+            return list(self.reference.bands)
+        try:
+            return resolve_bands(self.band_selection, self.layout.band_names, self.source_band_count)
+        except ValueError as err:
+            raise DatasetError(
+                f"{self.layout.root}: the tiles have {self.source_band_count} bands; data.bands: {err}"
+            ) from None
+
+    def _split(self, index: TileIndex) -> tuple[TileIndex, list[str]]:
+        """The checkpoint's split lists (evaluation), or a split made from the config."""
+        record = self.reference.split if self.reference is not None else None
+        if record is not None and not self.resplit:
+            index, assignment = restore_split(index, record, self.layout.root)
+            self.dropped_at_edges = record.dropped_at_edges
+            return index, assignment
+        if record is not None:
+            log.warning(
+                "resplit=true: evaluating on a split made from this config (data.split=%s, seed %d), "
+                "not the checkpoint's (%s split %s): tiles the model trained on may be scored",
+                self.split, self.seed, record.kind, record.digest,
+            )
+        groups = spatial_blocks(index, self.block_size) if self.split == "spatial" else None
+        assignment = assign_splits(index, self.val_fraction, self.test_fraction, self.seed, groups)
+        if self.split == "spatial":
+            edge = edge_tiles(index, assignment, self.block_size, self.block_buffer)
+            self.dropped_at_edges = int(edge.sum())
+            if edge.any():
+                log.info(
+                    "%d tile(s) left out: they reach into a block of another split (data.block_size=%s, "
+                    "data.block_buffer=%s)", self.dropped_at_edges, self.block_size, self.block_buffer,
+                )
+                index = subset(index, ~edge)
+                assignment = [a for a, e in zip(assignment, edge) if not e]
+        if self.imbalance:
+            keep = imbalance_mask(index, assignment, self.imbalance, self.seed)
+            index = subset(index, keep)
+            assignment = [a for a, k in zip(assignment, keep) if k]
+        return index, assignment
+
+    def _contract(self, normalization: Normalization) -> InputSpec:
+        """What a model built on this data expects of its input (see :mod:`deforest.contract`)."""
+        index = self._index()
+        root = self.layout.root
+        lists = {split: [os.path.relpath(s, root) for s, a in zip(index.sources, self.assignment) if a == split]
+                 for split in SPLITS}
+        counts = self.split_counts()
+        if self.reference is not None:  # evaluation: the checkpoint's contract, with these tiles' split
+            kept = self.reference.split if self.reference.split is not None and not self.resplit else None
+            record = (replace(kept, root=str(root), lists=lists, class_counts=counts) if kept is not None
+                      else self._split_record(root, lists, counts))
+            return replace(self.reference, split=record)
+        return InputSpec(
+            task=index.task,
+            class_names=list(index.class_names),
+            bands=list(self.bands),
+            source_band_count=self.source_band_count,
+            source_dtype=self.reference_header.dtype,
+            nodata=self.nodata,
+            normalization=normalization,
+            tile_size=list(self.tile_size),
+            band_names=self.loaded_band_names,
+            split=self._split_record(root, lists, counts),
+        )
+
+    def _split_record(self, root: os.PathLike | str, lists: dict[str, list[str]], counts: dict) -> SplitRecord:
+        """How this config split the tiles, and the resulting lists."""
+        layout = self.layout.source if isinstance(self.layout, PackedLayout) else self.layout
+        return SplitRecord(
+            layout=type(layout).__name__,
+            root=str(root),
+            kind=self.split,
+            seed=self.seed,
+            val_fraction=self.val_fraction,
+            test_fraction=self.test_fraction,
+            lists=lists,
+            block_size=self.block_size,
+            buffer=self.block_buffer,
+            dropped_at_edges=self.dropped_at_edges,
+            class_counts=counts,
+        )
 
     def _reference_header(self, index: TileIndex) -> RasterHeader:
         """What the dataset's tiles are: the commonest band count and size among the first headers."""
@@ -292,26 +404,10 @@ class TileDataModule(pl.LightningDataModule):
         index = self._index()
         keep = np.asarray([s not in self.bad_tiles.problems for s in index.sources])
         if not keep.all():
-            self.index = _subset(index, keep)
+            self.index = subset(index, keep)
             self.assignment = [a for a, k in zip(self.assignment, keep) if k]
             log.warning("%d bad tile(s) skipped (data.on_bad_tile=skip)", len(self.bad_tiles))
         self._check_splits()
-
-    def _imbalance_mask(self, index: TileIndex, assignment: list[str]) -> np.ndarray:
-        """Keep each training sample with the fraction of its (rarest kept) class."""
-        fractions = np.asarray(
-            [self.imbalance.get(name, self.imbalance.get("*", 1.0)) for name in index.class_names]
-        )
-        unknown = set(self.imbalance) - set(index.class_names) - {"*"}
-        if unknown:
-            raise ValueError(f"data.imbalance names unknown classes {sorted(unknown)}")
-        one_hot = index.one_hot().astype(bool)
-        per_sample = np.where(one_hot, fractions[None, :], np.inf).min(axis=1)
-        per_sample[np.isinf(per_sample)] = fractions.min()
-        rng = np.random.default_rng(self.seed)
-        draw = rng.random(len(index))
-        is_train = np.asarray(assignment) == "train"
-        return ~is_train | (draw < per_sample)
 
     def _check_splits(self) -> None:
         if self.evaluation_only:
@@ -334,7 +430,8 @@ class TileDataModule(pl.LightningDataModule):
         size = (first.height, first.width)
         if self.validate == "off" or isinstance(self.layout, PackedLayout):  # packing checked them
             return size
-        cached = self._cache_load("headers")
+        key = self._cache_key("headers")
+        cached = self.cache.load("headers", key)
         if cached is None:
             bad = {}
             for source in self._index().sources:
@@ -344,7 +441,7 @@ class TileDataModule(pl.LightningDataModule):
                 except TileError as err:
                     bad[source] = [err.path, err.problem]
             cached = {"tile_size": list(size), "bad": bad}
-            self._cache_store("headers", cached)
+            self.cache.store("headers", key, cached)
         for source, (path, problem) in cached["bad"].items():
             self.bad_tiles.add(TileError(path, problem), source, more=len(cached["bad"]) - 1)
         return tuple(cached["tile_size"])
@@ -360,80 +457,38 @@ class TileDataModule(pl.LightningDataModule):
                 except TileError as err:
                     self.bad_tiles.add(err, source)
 
-    def _band_statistics(self) -> tuple[list[float], list[float]]:
-        """Per-band mean/std of the valid pixels of (a seeded sample of) the training split, cached as JSON."""
-        cached = self._cache_load("stats")
-        if cached is not None:
-            return cached["mean"], cached["std"]
-        rows = [i for i, a in enumerate(self.assignment) if a == "train"]
-        if not rows and self.evaluation_only:
-            # identity statistics: evaluation normalises with the checkpoint's own
-            return [0.0] * self.num_bands, [1.0] * self.num_bands
-        rng = np.random.default_rng(self.seed)
-        if len(rows) > self.stats_max_samples:
-            rows = sorted(rng.choice(rows, self.stats_max_samples, replace=False).tolist())
-        index = self._index()
-        reader = TileDataset(self.layout, [index.sources[i] for i in rows], index.targets[rows], self.bands, nodata=self.nodata)
-        total = np.zeros(self.num_bands)
-        total_sq = np.zeros(self.num_bands)
-        n = np.zeros(self.num_bands)
-        for i in range(len(reader)):
-            try:
-                image, valid = reader.read_valid(i)
-            except TileError as err:
-                self.bad_tiles.add(err, reader.sources[i])
-                continue
-            image = image.astype(np.float64)
-            if self.log_scale:
-                image = np.log1p(np.clip(image, 0, None))
-            if valid is not None:
-                image = np.where(valid, image, 0.0)
-            total += image.sum(axis=(1, 2))
-            total_sq += (image**2).sum(axis=(1, 2))
-            n += valid.sum(axis=(1, 2)) if valid is not None else image.shape[1] * image.shape[2]
-        n = np.maximum(n, 1)
-        mean = total / n
-        std = np.sqrt(np.maximum(total_sq / n - mean**2, 0.0))
-        std = np.where(std > 1e-6, std, 1.0)  # constant bands: centre, do not blow up
-        stats = {"mean": mean.tolist(), "std": std.tolist()}
-        self._cache_store("stats", stats)
-        return stats["mean"], stats["std"]
+    def _normalization(self) -> Normalization:
+        """The checkpoint's normalisation, or per-band statistics of (a seeded sample of) the
+        training split's valid pixels, cached as JSON."""
+        if self.reference is not None:
+            return self.reference.normalization
+        transform = "log1p" if self.log_scale else "scale"
+        key = self._cache_key("stats")
+        cached = self.cache.load("stats", key)
+        if cached is None:
+            index = self._index()
+            rows = sample_rows([i for i, a in enumerate(self.assignment) if a == "train"], self.stats_max_samples, self.seed)
+            reader = TileDataset(self.layout, [index.sources[i] for i in rows], index.targets[rows], self.bands, nodata=self.nodata)
+            mean, std = measure_band_statistics(
+                reader.read_valid, len(reader), self.num_bands, self.log_scale,
+                lambda err, i: self.bad_tiles.add(err, reader.sources[i]),
+            )
+            cached = {"mean": mean, "std": std}
+            self.cache.store("stats", key, cached)
+        return Normalization(cached["mean"], cached["std"], transform=transform)
 
-    # ---- cache keyed by what the result depends on ------------------------------------
     def _cache_key(self, kind: str) -> str:
+        """What a cached result depends on: the (training) files, bands and settings."""
         rows = [i for i, a in enumerate(self.assignment) if a == "train"] if kind == "stats" else range(len(self._index()))
-        sources = [self._index().sources[i] for i in rows]
-        files = [self.layout.header_source(s) for s in sources]
+        files = [self.layout.header_source(self._index().sources[i]) for i in rows]
         payload = {
-            "version": STATS_VERSION,
-            "kind": kind,
             "bands": self.bands,
             "log_scale": self.log_scale,
             "max_samples": self.stats_max_samples,
             "seed": self.seed,
             "files": file_fingerprint(files),
         }
-        return hashlib.sha256(json.dumps(payload).encode()).hexdigest()[:24]
-
-    def _cache_load(self, kind: str) -> dict | None:
-        if self.cache_dir is None:
-            return None
-        path = self.cache_dir / f"{kind}-{self._cache_key(kind)}.json"
-        if not path.is_file():
-            return None
-        try:
-            return json.loads(path.read_text())
-        except json.JSONDecodeError:
-            return None
-
-    def _cache_store(self, kind: str, value: dict) -> None:
-        if self.cache_dir is None:
-            return
-        self.cache_dir.mkdir(parents=True, exist_ok=True)
-        path = self.cache_dir / f"{kind}-{self._cache_key(kind)}.json"
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(value))
-        tmp.replace(path)
+        return JsonCache.key(kind, payload)
 
     # ---- loaders ------------------------------------------------------------------------
     def split_counts(self) -> dict[str, dict[str, int]]:
@@ -473,7 +528,7 @@ class TileDataModule(pl.LightningDataModule):
         return self._loader("val", shuffle=False)
 
     def test_dataloader(self) -> DataLoader:
-        return self._loader("test", shuffle=False)
+        return self._loader(self.test_split, shuffle=False)
 
 
 def _seed_worker(worker_id: int) -> None:
@@ -482,15 +537,3 @@ def _seed_worker(worker_id: int) -> None:
     info = torch.utils.data.get_worker_info()
     if info.dataset.augment is not None:
         info.dataset.augment.set_random_seed(info.seed % 2**32)
-
-
-def _subset(index: TileIndex, keep: np.ndarray) -> TileIndex:
-    rows = np.flatnonzero(keep)
-    return TileIndex(
-        index.task,
-        index.class_names,
-        [index.sources[i] for i in rows],
-        index.targets[rows],
-        [index.splits[i] for i in rows],
-        {k: [v[i] for i in rows] for k, v in index.meta.items()},
-    )

@@ -1,4 +1,4 @@
-"""The evaluation metric set (torchmetrics), decisions at per-label thresholds, and their tuning.
+"""The evaluation metric set (torchmetrics) and decisions at per-label thresholds.
 
 Lightning logs these metrics during validation/test and the run report recomputes them on
 the stored predictions with the same builders, so both always agree.
@@ -8,7 +8,6 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-import torch
 from torch import Tensor
 from torchmetrics import MetricCollection
 from torchmetrics.classification import (
@@ -25,15 +24,10 @@ from torchmetrics.classification import (
     MultilabelF1Score,
     MultilabelHammingDistance,
     MultilabelPrecision,
-    MultilabelPrecisionRecallCurve,
     MultilabelRecall,
 )
 
 from deforest.datasets import MULTICLASS
-
-#: ``model.tune_thresholds`` values and the F-beta each maximises.
-TUNING_BETAS = {"f1": 1.0, "f2": 2.0}
-
 
 class SampleMeanFBeta(BinaryFBetaScore):
     """Mean over tiles of each tile's F-beta across its labels (the Planet Amazon score).
@@ -130,25 +124,3 @@ def flatten_metrics(values: dict[str, Tensor], class_names: Sequence[str], prefi
         elif value.ndim == 1:
             flat.update({f"{prefix}/{name}/{c}": float(v) for c, v in zip(class_names, value)})
     return flat
-
-
-def tune_thresholds(probs: Tensor, target: Tensor, metric: str = "f1") -> Tensor:
-    """Per-label thresholds that maximise F1 or F2 (``metric``) on these predictions.
-
-    The candidates are every distinct predicted probability (torchmetrics' exact
-    precision-recall curve, positive where ``prob >= threshold``); a label whose best
-    F-score is 0 (e.g. no positive tile) keeps 0.5.
-    """
-    if metric not in TUNING_BETAS:
-        raise ValueError(f"threshold tuning maximises one of {sorted(TUNING_BETAS)}, not {metric!r}")
-    beta2 = TUNING_BETAS[metric] ** 2
-    num_labels = probs.shape[1]
-    curve = MultilabelPrecisionRecallCurve(num_labels, thresholds=None)
-    precision, recall, candidates = curve(probs.float(), target.long())
-    thresholds = torch.full((num_labels,), 0.5)
-    for label, (p, r, t) in enumerate(zip(precision, recall, candidates)):
-        p, r = p[:-1], r[:-1]  # the curve's last point (recall 0) has no threshold
-        score = torch.nan_to_num((1 + beta2) * p * r / (beta2 * p + r))
-        if len(score) and score.max() > 0:
-            thresholds[label] = t[score.argmax()]
-    return thresholds

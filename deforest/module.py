@@ -1,14 +1,17 @@
 """The LightningModule: one classifier for multi-class and multi-label tiles.
 
-The module receives raw band values and normalises them itself, so a checkpoint carries
-everything a prediction needs: bands, statistics, class names, task and thresholds.
+The module is built from the datamodule's :class:`~deforest.contract.InputSpec` and
+stores it in every checkpoint (with the thresholds of the checkpoint's own weights), so
+evaluation and prediction read what the model expects of its input from one place. It
+receives raw band values (nodata already filled) and normalises them itself.
 """
 
 from __future__ import annotations
 
 import inspect
 import logging
-from collections.abc import Callable, Mapping, Sequence
+import os
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import lightning.pytorch as pl
@@ -17,10 +20,12 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from deforest.contract import InputSpec
 from deforest.datasets import MULTICLASS, MULTILABEL
 from deforest.losses import Criterion, DynamicWeightedLoss
-from deforest.metrics import TUNING_BETAS, build_metrics, metric_inputs, tune_thresholds
+from deforest.metrics import build_metrics, metric_inputs
 from deforest.models import BandStatistics, backbone_modules, build_backbone
+from deforest.thresholds import ThresholdTuner
 from deforest.transforms import BandNormalizer, d4_views
 
 log = logging.getLogger(__name__)
@@ -33,20 +38,14 @@ class TileClassifier(pl.LightningModule):
     """A CNN over N-band tiles with a multi-class (softmax) or multi-label (sigmoid) head.
 
     Args:
-        task: ``multiclass`` or ``multilabel``.
-        class_names: one per output.
-        band_mean, band_std, log_scale: input normalisation (see :class:`BandNormalizer`):
-            the data's statistics, or the pretrained weights' own scaling
-            (:func:`deforest.weights.input_normalization`); ``normalization_source`` says which.
-        bands, tile_size: what the model was trained on, kept for prediction.
-        band_names: names of the loaded bands (``None`` when the data has none).
-        source_band_count: band count of the files trained on; prediction checks scenes by it.
-        backbone, small_tile_stem, width, dropout, input_pool: see :func:`deforest.models.build_backbone`.
+        input_spec: the input contract (an :class:`InputSpec` or its ``to_dict()``): task,
+            classes, bands, normalisation, tile size, the bands the network sees
+            (``network_bands``; the band-statistics head always sees every band), the
+            input pooling, the initial thresholds and the split.
+        backbone, small_tile_stem, width, dropout: see :func:`deforest.models.build_backbone`.
         band_statistics: add a linear head on per-band statistics
             (:class:`deforest.models.BandStatistics`), trained beside the CNN with the same
             loss; predictions average the two heads' logits.
-        network_bands: positions (0-based, among the loaded bands) of the bands the network
-            sees; ``None``: all. The band-statistics head always sees every band.
         pretrained: where the network's weights started (:func:`deforest.weights.band_plan`:
             weights name, band-to-kernel mapping); a record, nothing is loaded from it.
         input_resize: resize (bilinear) the tile to this many pixels a side before the network,
@@ -59,10 +58,11 @@ class TileClassifier(pl.LightningModule):
             filled in from the trainer when the scheduler takes them and the config does not.
         scheduler_interval: ``step`` or ``epoch``.
         tta: average predictions over the eight flips/rotations in val, test and predict.
-        thresholds: multi-label decision thresholds, one per label (0.5 when not given).
-        tune_thresholds: multi-label: ``f1`` or ``f2`` re-tunes ``thresholds`` on every
+        tune_thresholds: multi-label: ``f1`` or ``f2`` re-tunes the thresholds on every
             validation epoch to maximise that score per label, so each checkpoint carries
-            the thresholds of its own weights; ``None`` keeps them fixed.
+            the thresholds of its own weights; ``None`` keeps them fixed. The validation
+            scores are then computed at thresholds tuned on the other half of the
+            validation tiles (:class:`deforest.thresholds.ThresholdTuner`).
         nonfinite_loss: ``error`` stops on a NaN/inf loss naming the batch; ``skip`` skips it.
         criterion: optional custom loss receiving the batch weights.
         channels_last: run the network in NHWC memory layout (faster convolutions on GPUs).
@@ -71,23 +71,12 @@ class TileClassifier(pl.LightningModule):
 
     def __init__(
         self,
-        task: str,
-        class_names: Sequence[str],
-        band_mean: Sequence[float],
-        band_std: Sequence[float],
-        log_scale: bool = True,
-        bands: Sequence[int] | None = None,
-        tile_size: Sequence[int] | None = None,
-        source_band_count: int | None = None,
-        band_names: Sequence[str] | None = None,
-        normalization_source: str = "data statistics",
+        input_spec: InputSpec | Mapping[str, Any],
         backbone: str = "small_cnn",
         small_tile_stem: bool = True,
         width: int = 32,
         dropout: float = 0.2,
-        input_pool: int = 1,
         band_statistics: bool = False,
-        network_bands: Sequence[int] | None = None,
         pretrained: Mapping[str, Any] | None = None,
         input_resize: int | None = None,
         freeze_backbone: bool = False,
@@ -97,7 +86,6 @@ class TileClassifier(pl.LightningModule):
         scheduler: SchedulerFactory | None = None,
         scheduler_interval: str = "step",
         tta: bool = False,
-        thresholds: Sequence[float] | None = None,
         nonfinite_loss: str = "error",
         criterion: Criterion | None = None,
         tune_thresholds: str | None = None,
@@ -105,22 +93,25 @@ class TileClassifier(pl.LightningModule):
         compile: bool | Mapping[str, Any] = False,
     ) -> None:
         super().__init__()
-        if task not in (MULTICLASS, MULTILABEL):
-            raise ValueError(f"model.task must be {MULTICLASS} or {MULTILABEL}, not {task!r}")
+        spec = input_spec if isinstance(input_spec, InputSpec) else InputSpec.from_dict(input_spec)
+        if spec.task not in (MULTICLASS, MULTILABEL):
+            raise ValueError(f"model.task must be {MULTICLASS} or {MULTILABEL}, not {spec.task!r}")
         if nonfinite_loss not in ("error", "skip"):
             raise ValueError(f"model.nonfinite_loss must be error or skip, not {nonfinite_loss!r}")
-        if tune_thresholds is not None and tune_thresholds not in TUNING_BETAS:
-            raise ValueError(f"model.tune_thresholds must be one of {sorted(TUNING_BETAS)} or null, not {tune_thresholds!r}")
+        tuner = ThresholdTuner(tune_thresholds) if tune_thresholds is not None else None
+        input_spec = spec.to_dict()  # plain data in the checkpoint's hyper-parameters
         self.save_hyperparameters(ignore=["optimizer", "scheduler", "criterion"])
-        self.task = task
-        self.class_names = list(class_names)
+        self.spec = spec
+        self.task = spec.task
+        self.class_names = list(spec.class_names)
         num_classes = len(self.class_names)
-        self.normalizer = BandNormalizer(band_mean, band_std, log_scale)
-        network_band_count = len(band_mean)
+        norm = spec.normalization
+        self.normalizer = BandNormalizer(norm.mean, norm.std, norm.transform == "log1p", norm.scale)
+        band_count = len(spec.bands)
+        network_bands = spec.network_bands
         if network_bands is not None:
-            if not network_bands or not all(0 <= b < len(band_mean) for b in network_bands):
-                raise ValueError(f"network_bands {list(network_bands)} must be positions in 0..{len(band_mean) - 1}")
-            network_band_count = len(network_bands)
+            if not network_bands or not all(0 <= b < band_count for b in network_bands):
+                raise ValueError(f"network_bands {list(network_bands)} must be positions in 0..{band_count - 1}")
             # a buffer, so the selection runs on the device without a host copy per step
             self.register_buffer("network_bands", torch.as_tensor(list(network_bands)), persistent=False)
         else:
@@ -128,31 +119,27 @@ class TileClassifier(pl.LightningModule):
         if input_resize is not None and input_resize < 1:
             raise ValueError(f"model.input_resize must be >= 1 or null, not {input_resize}")
         self.input_resize = input_resize
-        image_size = tuple(t // input_pool for t in tile_size) if tile_size else None
-        if input_resize:
-            image_size = (input_resize // input_pool,) * 2
+        pool = spec.input_pool
+        image_size = (input_resize // pool,) * 2 if input_resize else tuple(t // pool for t in spec.tile_size)
         self.net = build_backbone(
-            backbone, network_band_count, num_classes, small_tile_stem, width, dropout, input_pool, image_size
+            backbone, len(network_bands or spec.bands), num_classes, small_tile_stem, width, dropout, pool, image_size
         )
-        self.band_statistics = BandStatistics(len(band_mean), num_classes) if band_statistics else None
+        self.band_statistics = BandStatistics(band_count, num_classes) if band_statistics else None
         if backbone_lr_multiplier <= 0:
             raise ValueError(f"model.backbone_lr_multiplier must be > 0, not {backbone_lr_multiplier}")
         self.freeze_backbone = freeze_backbone
         self.backbone_lr_multiplier = backbone_lr_multiplier
         loss_options = dict(loss or {})
-        self.criterion = DynamicWeightedLoss(task, num_classes, criterion=criterion, **loss_options)
+        self.criterion = DynamicWeightedLoss(spec.task, num_classes, criterion=criterion, **loss_options)
         self.optimizer_factory = optimizer
         self.scheduler_factory = scheduler
         self.scheduler_interval = scheduler_interval
         self.tta = tta
         self.nonfinite_loss = nonfinite_loss
-        self.tune_thresholds = tune_thresholds if task == MULTILABEL else None
+        self.threshold_tuner = tuner if spec.task == MULTILABEL else None
         self.channels_last = channels_last
         self.compile_options = ({} if compile is True else dict(compile)) if compile else None
-        self.register_buffer(
-            "thresholds",
-            torch.as_tensor(thresholds if thresholds is not None else [0.5] * num_classes, dtype=torch.float32),
-        )
+        self.register_buffer("thresholds", torch.as_tensor(spec.decision_thresholds(), dtype=torch.float32))
         self.metrics = torch.nn.ModuleDict({stage: self._metrics() for stage in ("val", "test")})
         self._outputs: dict[str, list[dict[str, Tensor]]] = {"val": [], "test": []}
         #: The last val/test epoch's ``probs``, ``target`` and dataset ``index`` (on the CPU), for reports.
@@ -162,6 +149,16 @@ class TileClassifier(pl.LightningModule):
     def backbone(self) -> torch.nn.ModuleList:
         """The network without its classifier head (what fine-tuning freezes)."""
         return backbone_modules(self.net)
+
+    @property
+    def input_spec(self) -> InputSpec:
+        """The contract, with the thresholds these weights decide at."""
+        return self.spec.with_thresholds(self.thresholds.detach().cpu().tolist())
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """The contract as plain data at the checkpoint's top level, thresholds included, so
+        readers need neither the model class nor its state dict."""
+        checkpoint["input_spec"] = self.input_spec.to_dict()
 
     # ---- metrics ------------------------------------------------------------------------
     def _metrics(self) -> torch.nn.ModuleDict:
@@ -230,10 +227,12 @@ class TileClassifier(pl.LightningModule):
         return [b for head in heads for b in head.buffers()]
 
     def _batch_files(self, batch: dict[str, Tensor]) -> list[str]:
-        datamodule = getattr(self.trainer, "datamodule", None)
-        dataset = getattr(datamodule, "datasets", {}).get("train") if datamodule else None
+        """The training batch's files, from the contract's train list (dataset order)."""
         indexes = batch["index"].tolist()
-        return [dataset.sources[i] for i in indexes] if dataset is not None else [str(i) for i in indexes]
+        if self.spec.split is None:
+            return [str(i) for i in indexes]
+        train, root = self.spec.split.lists.get("train", []), self.spec.split.root
+        return [os.path.join(root, train[i]) if i < len(train) else str(i) for i in indexes]
 
     def _eval_step(self, batch: dict[str, Tensor], stage: str) -> None:
         if batch["target"].shape[0] == 0:  # every tile of the batch was a skipped bad tile
@@ -258,11 +257,17 @@ class TileClassifier(pl.LightningModule):
             return
         local = {key: torch.cat([o[key] for o in outputs]) for key in outputs[0]}
         gathered = self._gather(local)
-        if stage == "val" and self.tune_thresholds and not self.trainer.sanity_checking:
-            self.thresholds.copy_(tune_thresholds(gathered["probs"].cpu(), gathered["target"].cpu(), self.tune_thresholds))
+        thresholds: Tensor = self.thresholds
+        if stage == "val" and self.threshold_tuner is not None and not self.trainer.sanity_checking:
+            kept, scoring = self.threshold_tuner.fit(gathered["probs"].cpu(), gathered["target"].cpu())
+            self.thresholds.copy_(kept)
+            # each tile scored at thresholds tuned on the other tiles: the checkpoint and sweep
+            # selection then see what the thresholds give on data they were not tuned on
+            row = {i: r for r, i in enumerate(gathered["index"].tolist())}
+            thresholds = scoring[[row[i] for i in local["index"].tolist()]]
         self.predictions[stage] = {key: value.cpu() for key, value in gathered.items()}
         collections = self.metrics[stage]
-        for kind, inputs in metric_inputs(self.task, local["probs"], local["target"], self.thresholds).items():
+        for kind, inputs in metric_inputs(self.task, local["probs"], local["target"], thresholds).items():
             collections[kind].update(*inputs)
         for kind in collections:
             for name, value in collections[kind].compute().items():
@@ -312,15 +317,14 @@ class TileClassifier(pl.LightningModule):
             BaseFinetuning.freeze(self.backbone, train_bn=False)
 
     def on_train_start(self) -> None:
-        """``static`` weighting takes the whole training split's label counts, once."""
+        """``static`` weighting takes the whole training split's label counts from the contract."""
         if self.criterion.scheme != "static":
             return
-        targets = torch.as_tensor(self.trainer.train_dataloader.dataset.targets)
-        if self.task == MULTICLASS:
-            counts = torch.bincount(targets, minlength=len(self.class_names)).float()
-        else:
-            counts = targets.float().sum(dim=0)
-        self.criterion.set_static_counts(counts, float(len(targets)))
+        if self.spec.split is None or "train" not in self.spec.split.class_counts:
+            raise ValueError("loss.scheme=static needs the training split's label counts (the input contract has no split)")
+        per_class = self.spec.split.class_counts["train"]
+        counts = torch.as_tensor([float(per_class.get(name, 0)) for name in self.class_names])
+        self.criterion.set_static_counts(counts, float(len(self.spec.split.lists["train"])))
 
     def configure_optimizers(self) -> Any:
         if self.optimizer_factory is None:

@@ -2,8 +2,9 @@
 
 The scene is read one strip of window rows at a time and the output written as each
 strip finishes, so memory follows the strip and the batch, never the scene. Everything
-about the input (bands, normalisation, classes, task, tile size, thresholds) comes from
-the checkpoint.
+about the input comes from the checkpoint's :class:`~deforest.contract.InputSpec`: bands
+(matched by name where the files name them), the nodata fill and normalisation of
+training, classes, task, tile size and thresholds.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import math
 import os
 import warnings
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -25,6 +26,7 @@ import torch
 from affine import Affine
 from rasterio.windows import Window
 
+from deforest.contract import InputSpec
 from deforest.datasets import MULTICLASS, TILE_SUFFIXES
 from deforest.io import TileError, read_header, read_raster
 from deforest.module import TileClassifier
@@ -36,54 +38,45 @@ UINT8_NODATA = 255
 UINT8_SCALE = 254  # probabilities 0..254 so that 255 stays free for nodata
 
 
-@dataclass(frozen=True)
-class ModelSpec:
-    """What a checkpoint says its input and output are."""
-
-    task: str
-    class_names: list[str]
-    bands: list[int]
-    band_count: int | None
-    tile_size: int
-    thresholds: np.ndarray
-
-    @property
-    def num_classes(self) -> int:
-        return len(self.class_names)
-
-
-def load_classifier(ckpt_path: str | os.PathLike, device: str = "cpu") -> tuple[TileClassifier, ModelSpec]:
-    """The classifier in eval mode on ``device`` and its :class:`ModelSpec`."""
+def load_classifier(ckpt_path: str | os.PathLike, device: str = "cpu") -> tuple[TileClassifier, InputSpec]:
+    """The classifier in eval mode on ``device`` and its input contract."""
     if not Path(ckpt_path).is_file():
         raise FileNotFoundError(f"{ckpt_path}: checkpoint not found")
     model = TileClassifier.load_from_checkpoint(ckpt_path, map_location=device).eval()
-    hp = model.hparams
-    bands = list(hp.get("bands") or range(1, len(hp.band_mean) + 1))
-    size = hp.get("tile_size")
-    if size is None:
-        raise ValueError(f"{ckpt_path}: the checkpoint records no tile_size; pass tile_size=")
-    spec = ModelSpec(
-        task=hp.task,
-        class_names=list(hp.class_names),
-        bands=bands,
-        band_count=hp.get("source_band_count"),
-        tile_size=int(size[0]),
-        thresholds=model.thresholds.cpu().numpy(),
-    )
-    return model, spec
+    return model, model.input_spec
 
 
-def check_bands(spec: ModelSpec, count: int, source: str) -> None:
-    """Fail before any work when ``source`` cannot give the checkpoint's bands."""
-    expected = spec.band_count or max(spec.bands)
-    # checkpoints that predate source_band_count only tell the highest band they read
-    mismatch = count != expected if spec.band_count else count < expected
-    if mismatch:
+def match_bands(spec: InputSpec, names: Sequence[str | None], count: int, source: str) -> tuple[InputSpec, str]:
+    """The contract with ``bands`` pointing at ``source``'s bands, and how their order was found.
+
+    Where both the checkpoint and the source name their bands, bands are taken by name and
+    a missing name is refused (naming both orders); otherwise the band count must match and
+    the order is trusted, which the returned note says.
+    """
+    if spec.band_names and len(names) == count and all(names):
+        names = list(names)
+        missing = [n for n in spec.band_names if n not in names]
+        if missing or len(set(names)) != len(names):
+            raise TileError(
+                source,
+                f"has bands {names}; the checkpoint needs {spec.band_names} in this order ({missing or 'repeated names'} "
+                "do not match): reorder or rename the bands",
+            )
+        bands = [names.index(n) + 1 for n in spec.band_names]
+        note = f"matched by name: {spec.band_names} are bands {bands}"
+        log.info("%s: band order %s", source, note)
+        return replace(spec, bands=bands), note
+    if count != spec.source_band_count:
         raise TileError(
             source,
-            f"has {count} bands, the checkpoint was trained on {expected}-band tiles "
+            f"has {count} bands, the checkpoint was trained on {spec.source_band_count}-band tiles "
             f"(using bands {spec.bands})",
         )
+    side = "the checkpoint has no band names" if not spec.band_names else "the file has no band descriptions"
+    meaning = f" as {spec.band_names}" if spec.band_names else " in the training order"
+    note = f"trusted ({side}): bands {spec.bands} of {count} are read{meaning}"
+    log.warning("%s: band order %s", source, note)
+    return spec, note
 
 
 def resolve_device(device: str) -> str:
@@ -99,9 +92,10 @@ def _batches(indexes: Sequence[int], size: int) -> Iterator[Sequence[int]]:
 
 
 @torch.inference_mode()
-def _probabilities(model: TileClassifier, windows: np.ndarray) -> np.ndarray:
-    """``[N, C]`` probabilities for raw windows ``[N, B, T, T]``."""
-    x = torch.from_numpy(windows.astype(np.float32, copy=False)).to(model.device)
+def _probabilities(model: TileClassifier, spec: InputSpec, windows: np.ndarray, nodata: float | None) -> np.ndarray:
+    """``[N, C]`` probabilities for raw windows ``[N, B, T, T]``, preprocessed as in training
+    (nodata pixels given their band's fill)."""
+    x = torch.from_numpy(spec.prepare(windows, nodata)).to(model.device)
     return model.predict_proba(x).float().cpu().numpy()
 
 
@@ -125,7 +119,7 @@ class MapWriter:
     def __init__(
         self,
         path: Path,
-        spec: ModelSpec,
+        spec: InputSpec,
         scene: Scene,
         width: int,
         height: int,
@@ -171,7 +165,7 @@ class MapWriter:
         if self.spec.task == MULTICLASS:
             decisions = probs.argmax(axis=0)[None].astype(np.float64)
         else:
-            decisions = (probs >= self.spec.thresholds[:, None, None]).astype(np.float64)
+            decisions = (probs >= self.spec.decision_thresholds()[:, None, None]).astype(np.float64)
         values = probs * UINT8_SCALE if self.dtype == "uint8" else probs
         out = np.concatenate([decisions, values])
         if self.dtype == "uint8":
@@ -185,7 +179,7 @@ class MapWriter:
 
 def predict_scene(
     model: TileClassifier,
-    spec: ModelSpec,
+    spec: InputSpec,
     scene: Scene,
     out: str | os.PathLike,
     stride: int | None = None,
@@ -203,18 +197,22 @@ def predict_scene(
     ``full_resolution`` the output is on the scene's grid and overlapping windows are
     blended with a centre-weighted tent. Windows with more than ``max_nodata`` nodata are
     not classified; their pixels, and every nodata input pixel, are nodata in the output.
+    The nodata pixels of the windows classified get their band's training fill, as in
+    training. The summary's ``band_order`` says whether bands were matched by name.
 
     Each window is read once, so GDAL's block cache (5% of RAM by default) only grows
     with the scene: ``gdal_cache_mb`` caps it, which keeps memory bounded by the batch.
     """
     with rasterio.Env(GDAL_CACHEMAX=gdal_cache_mb * 1024**2):
-        check_bands(spec, scene.count, scene.name)
-        tile, stride = spec.tile_size, stride or spec.tile_size
+        spec, band_order = match_bands(spec, scene.descriptions, scene.count, scene.name)
+        tile = spec.tile_size[0]
+        stride = stride or tile
         if scene.crs is None:
             warnings.warn(f"{scene.name} has no CRS: the map is written without one", stacklevel=2)
         out = Path(out)
         target = out.with_suffix(".tmp.tif") if cog else out
-        tags = {"tile_size": str(tile), "stride": str(stride), "full_resolution": str(full_resolution), **(tags or {})}
+        tags = {"tile_size": str(tile), "stride": str(stride), "full_resolution": str(full_resolution),
+                "band_order": band_order, **(tags or {})}
         if full_resolution:
             if tile > min(scene.height, scene.width):
                 raise ValueError(f"{scene.name}: the scene ({scene.height}x{scene.width}) is smaller than the tile size {tile}")
@@ -231,7 +229,7 @@ def predict_scene(
         if cog:
             rasterio.shutil.copy(target, out, driver="COG", compress="DEFLATE", blocksize=256)
             target.unlink()
-        return {"out": str(out), "tile_size": tile, "stride": stride, **counts}
+        return {"out": str(out), "tile_size": tile, "stride": stride, "band_order": band_order, **counts}
 
 
 def _read_padded(scene: Scene, bands: list[int], row0: int, col0: int, height: int, width: int) -> np.ndarray:
@@ -244,26 +242,27 @@ def _read_padded(scene: Scene, bands: list[int], row0: int, col0: int, height: i
 
 
 def _classify_strip(
-    model: TileClassifier, spec: ModelSpec, scene: Scene, strip: np.ndarray, starts: list[int], batch_size: int,
+    model: TileClassifier, spec: InputSpec, scene: Scene, strip: np.ndarray, starts: list[int], batch_size: int,
     max_nodata: float,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Probabilities ``[n, C]`` of the windows at column ``starts`` of ``strip`` (0 where not
     valid), and which windows are valid (at most ``max_nodata`` nodata)."""
-    tile = spec.tile_size
+    tile = spec.tile_size[0]
     nodata = scene.nodata_mask(strip)
     valid = np.asarray([nodata[:, s : s + tile].mean() <= max_nodata for s in starts])
     probs = np.zeros((len(starts), spec.num_classes), np.float32)
     for batch in _batches(np.flatnonzero(valid), batch_size):
-        probs[batch] = _probabilities(model, np.stack([strip[:, :, starts[i] : starts[i] + tile] for i in batch]))
+        windows = np.stack([strip[:, :, starts[i] : starts[i] + tile] for i in batch])
+        probs[batch] = _probabilities(model, spec, windows, scene.nodata)
     return probs, valid
 
 
 def _per_window(
-    model: TileClassifier, spec: ModelSpec, scene: Scene, writer: MapWriter, stride: int, batch_size: int,
+    model: TileClassifier, spec: InputSpec, scene: Scene, writer: MapWriter, stride: int, batch_size: int,
     max_nodata: float,
 ) -> dict[str, int]:
     """One output pixel per ``stride`` block, from the window centred on that block."""
-    tile = spec.tile_size
+    tile = spec.tile_size[0]
     offset = (tile - stride) // 2
     n_cols = writer.dst.width
     starts = [j * stride for j in range(n_cols)]
@@ -278,11 +277,11 @@ def _per_window(
 
 
 def _full_resolution(
-    model: TileClassifier, spec: ModelSpec, scene: Scene, writer: MapWriter, stride: int, batch_size: int,
+    model: TileClassifier, spec: InputSpec, scene: Scene, writer: MapWriter, stride: int, batch_size: int,
     max_nodata: float,
 ) -> dict[str, int]:
     """Every scene pixel: the tent-weighted mean of the windows covering it."""
-    tile = spec.tile_size
+    tile = spec.tile_size[0]
     ys, xs = window_starts(scene.height, tile, stride), window_starts(scene.width, tile, stride)
     weight = tent(tile)
     wx = np.zeros((len(xs), scene.width))
@@ -331,12 +330,17 @@ def tile_paths(tiles: str | os.PathLike) -> list[Path]:
 
 
 def predict_tiles(
-    model: TileClassifier, spec: ModelSpec, tiles: str | os.PathLike, out: str | os.PathLike, batch_size: int = 256
-) -> int:
-    """One CSV row per tile: path, predicted class(es) and one probability per class."""
+    model: TileClassifier, spec: InputSpec, tiles: str | os.PathLike, out: str | os.PathLike, batch_size: int = 256
+) -> dict[str, object]:
+    """One CSV row per tile: path, predicted class(es) and one probability per class.
+
+    Tiles are preprocessed as in training (nodata pixels given their band's fill); returns
+    the tile count and how the band order was established (``band_order``).
+    """
     paths = tile_paths(tiles)
     first = read_header(paths[0])
-    check_bands(spec, first.count, str(paths[0]))
+    spec, band_order = match_bands(spec, first.descriptions, first.count, str(paths[0]))
+    thresholds = spec.decision_thresholds()
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     with out.open("w", newline="", encoding="utf-8") as handle:
@@ -347,11 +351,11 @@ def predict_tiles(
             for path, image in zip(batch, images):
                 if image.shape != images[0].shape:
                     raise TileError(path, f"is {image.shape[1]}x{image.shape[2]}, not {images[0].shape[1]}x{images[0].shape[2]} like {batch[0]}")
-            probs = _probabilities(model, np.stack(images))
+            probs = _probabilities(model, spec, np.stack(images), first.nodata)
             for path, p in zip(batch, probs):
                 if spec.task == MULTICLASS:
                     predicted = spec.class_names[int(p.argmax())]
                 else:
-                    predicted = " ".join(n for n, hit in zip(spec.class_names, p >= spec.thresholds) if hit)
+                    predicted = " ".join(n for n, hit in zip(spec.class_names, p >= thresholds) if hit)
                 writer.writerow([str(path), predicted, *[f"{v:.6f}" for v in p]])
-    return len(paths)
+    return {"out": str(out), "tiles": len(paths), "band_order": band_order}

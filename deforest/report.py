@@ -26,6 +26,7 @@ from torch import Tensor
 from torchmetrics.classification import MulticlassPrecisionRecallCurve, MultilabelPrecisionRecallCurve
 from torchmetrics.functional.classification import multiclass_average_precision, multilabel_average_precision
 
+from deforest.contract import InputSpec
 from deforest.datamodule import TileDataModule
 from deforest.datasets import MULTICLASS, MULTILABEL
 from deforest.io import TileError, read_header
@@ -161,6 +162,7 @@ def report_on_split(
     if predictions is None or len(predictions["index"]) == 0:
         log.warning("no predictions on the %s split: no report written", split)
         return {}
+    spec = model.input_spec
     dataset, layout = datamodule.datasets[split], datamodule.layout
     count = read_header(layout.header_source(dataset.sources[0])).count
     bands = rgb_bands(options.get("rgb_bands"), layout.band_names, count)
@@ -168,22 +170,31 @@ def report_on_split(
         if isinstance(logger, CSVLogger) and csv_log is None:
             csv_log = Path(logger.experiment.metrics_file_path)
     run = Evaluation(
-        task=model.task,
-        class_names=model.class_names,
+        task=spec.task,
+        class_names=spec.class_names,
         probs=predictions["probs"].float(),
         target=predictions["target"],
-        thresholds=model.thresholds.detach().cpu(),
+        thresholds=torch.as_tensor(spec.decision_thresholds()),
         sources=[dataset.sources[i] for i in predictions["index"].tolist()],
         read_rgb=lambda source: layout.read(source, bands),
         split=split,
         split_counts=datamodule.split_counts(),
         csv_log=csv_log,
-        details=[*details, f"quicklook bands: {bands}"],
+        details=[*details, f"quicklook bands: {bands}", _contract_line(spec)],
         tested_epoch=tested_epoch,
     )
     record, figures = write_report(output_dir, run, examples=int(options.get("examples", 18)))
     log_figures(loggers, figures)
     return record
+
+
+def _contract_line(spec: InputSpec) -> str:
+    """The model's input contract in one line of the report."""
+    norm = spec.normalization
+    split = f", split {spec.split.kind} `{spec.split.digest}`" if spec.split else ""
+    return (f"input: bands {spec.band_names or spec.bands} of {spec.source_band_count} ({spec.source_dtype}), "
+            f"{spec.tile_size[0]}x{spec.tile_size[1]} px, nodata {spec.nodata} filled, "
+            f"{norm.transform} normalisation ({norm.source}){split}")
 
 
 def log_figures(loggers: Sequence[Logger], figures: Mapping[str, str | Path], step: int = 0) -> None:

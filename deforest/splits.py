@@ -7,11 +7,17 @@ run it over square blocks of tiles instead of tiles, so neighbours never straddl
 
 from __future__ import annotations
 
+import logging
 import math
+import os
+from collections.abc import Sequence
 
 import numpy as np
 
+from deforest.contract import SplitRecord
 from deforest.datasets import SPLITS, DatasetError, TileIndex
+
+log = logging.getLogger(__name__)
 
 BOUNDS_COLUMNS = ("minx", "miny", "maxx", "maxy", "crs")
 
@@ -65,22 +71,59 @@ def spatial_blocks(index: TileIndex, block_size: float) -> np.ndarray:
     """
     if not block_size or block_size <= 0:
         raise ValueError(f"data.split=spatial needs data.block_size > 0 (tile CRS units), not {block_size}")
+    blocks: dict[tuple[str, int, int], int] = {}
+    out = np.empty(len(index), np.int64)
+    for i, (crs, minx, miny, maxx, maxy) in enumerate(_footprints(index)):
+        cx, cy = (minx + maxx) / 2, (miny + maxy) / 2
+        key = (crs, math.floor(cx / block_size), math.floor(cy / block_size))
+        out[i] = blocks.setdefault(key, len(blocks))
+    return out
+
+
+def _footprints(index: TileIndex) -> list[tuple[str, float, float, float, float]]:
+    """``(crs, minx, miny, maxx, maxy)`` per tile from the manifest's bounds columns."""
     missing = [c for c in BOUNDS_COLUMNS if c not in index.meta]
     if missing:
         raise DatasetError(
             f"data.split=spatial needs the manifest columns {list(BOUNDS_COLUMNS)} (deforest-tile writes them); "
             f"missing {missing}"
         )
-    blocks: dict[tuple[str, int, int], int] = {}
-    out = np.empty(len(index), np.int64)
+    out = []
     for i, (minx, miny, maxx, maxy, crs) in enumerate(zip(*(index.meta[c] for c in BOUNDS_COLUMNS))):
         try:
-            cx, cy = (float(minx) + float(maxx)) / 2, (float(miny) + float(maxy)) / 2
+            out.append((crs, float(minx), float(miny), float(maxx), float(maxy)))
         except ValueError:
             raise DatasetError(f"{index.sources[i]}: bounds {minx, miny, maxx, maxy} are not numbers") from None
-        key = (crs, math.floor(cx / block_size), math.floor(cy / block_size))
-        out[i] = blocks.setdefault(key, len(blocks))
     return out
+
+
+def edge_tiles(index: TileIndex, assignment: Sequence[str], block_size: float, buffer: float = 0.0) -> np.ndarray:
+    """Per tile, whether it must leave the split so that no pixel is in two splits.
+
+    A block belongs to the split of the tiles centred in it. A tile whose footprint, grown
+    by ``buffer`` (CRS units) on every side, reaches a block of another split (overlapping
+    tiles cut around points near a block edge) is dropped; blocks no tile is centred in go
+    to the first tile that reaches them. Every block is then reached by tiles of one split
+    only, so tiles of different splits share no pixel and lie ``2 * buffer`` apart or more.
+    """
+    if buffer < 0:
+        raise ValueError(f"data.block_buffer must be >= 0, not {buffer}")
+    footprints = _footprints(index)
+    owner: dict[tuple[str, int, int], str] = {}
+    for (crs, minx, miny, maxx, maxy), split in zip(footprints, assignment):
+        owner.setdefault((crs, math.floor((minx + maxx) / 2 / block_size), math.floor((miny + maxy) / 2 / block_size)), split)
+    drop = np.zeros(len(index), bool)
+    for i, ((crs, minx, miny, maxx, maxy), split) in enumerate(zip(footprints, assignment)):
+        # the footprint is [min, max): a tile ending on a block edge does not reach the next block
+        xs = range(math.floor((minx - buffer) / block_size), math.ceil((maxx + buffer) / block_size))
+        ys = range(math.floor((miny - buffer) / block_size), math.ceil((maxy + buffer) / block_size))
+        reached = [(crs, x, y) for x in xs for y in ys]
+        if any(owner.get(key, split) != split for key in reached):
+            drop[i] = True
+            continue
+        for key in reached:
+            owner.setdefault(key, split)
+    return drop
 
 
 def _stratify(
@@ -122,4 +165,60 @@ def assign_splits(
     return [str(s) for s in out]
 
 
-__all__ = ["SPLITS", "assign_splits", "iterative_stratification", "spatial_blocks"]
+def subset(index: TileIndex, keep: np.ndarray) -> TileIndex:
+    """The samples of ``index`` where ``keep`` (a boolean mask or row numbers), in that order."""
+    rows = np.flatnonzero(keep) if np.asarray(keep).dtype == bool else np.asarray(keep, np.int64)
+    return TileIndex(
+        index.task,
+        index.class_names,
+        [index.sources[i] for i in rows],
+        index.targets[rows],
+        [index.splits[i] for i in rows],
+        {k: [v[i] for i in rows] for k, v in index.meta.items()},
+    )
+
+
+def restore_split(index: TileIndex, record: SplitRecord, root: str | os.PathLike) -> tuple[TileIndex, list[str]]:
+    """A checkpoint's split on the tiles under ``root``: each listed tile in its recorded split and
+    order (so dataset positions match training's); tiles in no list are left out."""
+    position = {source: n for n, source in enumerate(index.sources)}
+    rows, assignment, missing = [], [], 0
+    for split in SPLITS:
+        for relative in record.lists.get(split, []):
+            n = position.get(os.path.join(root, relative))
+            if n is None:
+                missing += 1
+                continue
+            rows.append(n)
+            assignment.append(split)
+    if not rows:
+        raise DatasetError(
+            f"{root}: none of the {missing} tiles of the checkpoint's split is here; "
+            "to evaluate on other tiles, split them with resplit=true"
+        )
+    if missing:
+        log.warning("%d tile(s) of the checkpoint's split are not under %s", missing, root)
+    if len(rows) < len(index):
+        log.info("%d tile(s) under %s are in none of the checkpoint's splits: left out", len(index) - len(rows), root)
+    log.info("split: the checkpoint's (%s, %s, seed %d, %s)", record.kind, record.layout, record.seed, record.digest)
+    return subset(index, rows), assignment
+
+
+def imbalance_mask(index: TileIndex, assignment: Sequence[str], imbalance: dict[str, float], seed: int) -> np.ndarray:
+    """Keep each training sample with the fraction of its (rarest kept) class (``"*"``: the rest)."""
+    fractions = np.asarray([imbalance.get(name, imbalance.get("*", 1.0)) for name in index.class_names])
+    unknown = set(imbalance) - set(index.class_names) - {"*"}
+    if unknown:
+        raise ValueError(f"data.imbalance names unknown classes {sorted(unknown)}")
+    one_hot = index.one_hot().astype(bool)
+    per_sample = np.where(one_hot, fractions[None, :], np.inf).min(axis=1)
+    per_sample[np.isinf(per_sample)] = fractions.min()
+    draw = np.random.default_rng(seed).random(len(index))
+    is_train = np.asarray(assignment) == "train"
+    return ~is_train | (draw < per_sample)
+
+
+__all__ = [
+    "SPLITS", "assign_splits", "edge_tiles", "imbalance_mask", "iterative_stratification", "restore_split",
+    "spatial_blocks", "subset",
+]

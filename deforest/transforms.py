@@ -55,17 +55,19 @@ def _always(transform: A.BasicTransform) -> A.BasicTransform:
 
 
 class BandNormalizer(nn.Module):
-    """``(f(x) - mean) / std`` per band, with ``f = log1p`` when ``log_scale``.
+    """``(f(x) - mean) / std`` per band, with ``f = log1p`` when ``log_scale``, else ``x / scale``.
 
     Reflectance spans orders of magnitude between water and bright soil; ``log1p``
-    compresses that range before standardising.
+    compresses that range before standardising. ``scale`` serves statistics given on
+    scaled values (e.g. reflectance / 10000 for pretrained weights).
     """
 
-    def __init__(self, mean: Sequence[float], std: Sequence[float], log_scale: bool = False) -> None:
+    def __init__(self, mean: Sequence[float], std: Sequence[float], log_scale: bool = False, scale: float = 1.0) -> None:
         super().__init__()
         if len(mean) != len(std):
             raise ValueError(f"normalisation has {len(mean)} means but {len(std)} stds")
         self.log_scale = log_scale
+        self.scale = float(scale)
         self.register_buffer("mean", torch.as_tensor(mean, dtype=torch.float32).view(1, -1, 1, 1))
         self.register_buffer("std", torch.as_tensor(std, dtype=torch.float32).view(1, -1, 1, 1))
 
@@ -80,6 +82,8 @@ class BandNormalizer(nn.Module):
             )
         if self.log_scale:
             x = torch.log1p(x.clamp(min=0))
+        elif self.scale != 1.0:
+            x = x / self.scale
         return (x - self.mean) / self.std
 
 

@@ -90,12 +90,6 @@ def check_pixels(source: str, image: np.ndarray, valid: np.ndarray | None) -> No
         raise TileError(source, f"contains {int((~finite).sum())} NaN or infinite pixel values")
 
 
-def nodata_fill(band_mean: Sequence[float], log_scale: bool) -> list[float]:
-    """The raw value of each band that normalises to 0: the training mean, undone from log1p."""
-    mean = np.asarray(band_mean, dtype=np.float64)
-    return (np.expm1(mean) if log_scale else mean).tolist()
-
-
 def fill_nodata(image: np.ndarray, valid: np.ndarray | None, fill: Sequence[float]) -> np.ndarray:
     """Nodata pixels take their band's ``fill`` value (the raw value that normalises to 0)."""
     if valid is None or valid.all():

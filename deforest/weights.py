@@ -211,28 +211,31 @@ def _file(path: Path, backbone: str) -> PretrainedWeights:
         raise WeightsError(f"{path}: not a weights file ({type(err).__name__}: {str(err).splitlines()[0]})") from None
     if not isinstance(content, Mapping):
         raise WeightsError(f"{path}: holds a {type(content).__name__}, not a state dict")
-    hparams = content.get("hyper_parameters") if isinstance(content.get("hyper_parameters"), Mapping) else {}
+    spec = content.get("input_spec") if isinstance(content.get("input_spec"), Mapping) else None
     for key in ("state_dict", "model", "model_state_dict"):
         if isinstance(content.get(key), Mapping):
             content = content[key]
             break
     state = _network_keys(dict(content), backbone, path)
     weights = PretrainedWeights(str(path), state, _stem_channels(state, backbone), None)
-    if hparams.get("band_mean") is not None:  # a deforest checkpoint describes its own inputs
-        weights.bands = _network_band_names(hparams)
-        weights.mean, weights.std = list(hparams["band_mean"]), list(hparams["band_std"])
-        weights.log_scale = bool(hparams.get("log_scale", False))
-        if weights.bands is None or len(weights.mean) != len(weights.bands):
-            weights.mean = weights.std = None  # statistics for other bands than the network's
+    if spec is not None:  # a deforest checkpoint: its contract says what its network saw
+        _inputs_of_contract(weights, spec)
     return weights
 
 
-def _network_band_names(hparams: Mapping[str, Any]) -> list[str] | None:
-    names = hparams.get("band_names")
+def _inputs_of_contract(weights: PretrainedWeights, spec: Mapping[str, Any]) -> None:
+    """The network's band names and raw-unit input scaling from a deforest contract
+    (:class:`deforest.contract.InputSpec` as plain data)."""
+    names, norm = spec.get("band_names"), spec["normalization"]
     if not names:
-        return None
-    positions = hparams.get("network_bands")
-    return [names[i] for i in positions] if positions is not None else list(names)
+        return
+    positions = spec.get("network_bands")
+    positions = list(range(len(names))) if positions is None else list(positions)
+    weights.bands = [names[i] for i in positions]
+    scale = 1.0 if norm["transform"] == "log1p" else float(norm.get("scale", 1.0))
+    weights.mean = [norm["mean"][i] * scale for i in positions]
+    weights.std = [norm["std"][i] * scale for i in positions]
+    weights.log_scale = norm["transform"] == "log1p"
 
 
 def _network_keys(state: dict[str, Any], backbone: str, path: Path) -> dict[str, Tensor]:

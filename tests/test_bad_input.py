@@ -165,7 +165,7 @@ def test_nodata_rule_on_real_scene_windows(scenes_root, tmp_path):
     pixels = [train.read_valid(i) for i in range(len(train))]
     for band in range(3):
         values = np.concatenate([np.log1p(im[band][v[band]]) for im, v in pixels])
-        assert dm.band_mean[band] == pytest.approx(values.mean(), rel=1e-6)
+        assert dm.input_spec.normalization.mean[band] == pytest.approx(values.mean(), rel=1e-6)
 
     # a partly covered tile: its nodata pixels normalise to 0, its valid pixels are untouched
     edge = tiles["a_0_192"]
@@ -176,12 +176,13 @@ def test_nodata_rule_on_real_scene_windows(scenes_root, tmp_path):
     owner = next(d for d in dm.datasets.values() if str(edge) in d.sources)
     filled = owner.read(owner.sources.index(str(edge)))
     np.testing.assert_array_equal(filled[~holes], raw[~holes])
-    normalised = BandNormalizer(dm.band_mean, dm.band_std, dm.log_scale)(torch.from_numpy(filled)[None])[0]
+    norm = dm.input_spec.normalization
+    normalised = BandNormalizer(norm.mean, norm.std, norm.transform == "log1p")(torch.from_numpy(filled)[None])[0]
     assert normalised[torch.from_numpy(holes)].abs().max() < 1e-4
 
 
 def _model_for(dm: TileDataModule) -> TileClassifier:
-    return TileClassifier(dm.task, dm.class_names, dm.band_mean, dm.band_std, dm.log_scale, width=8, tta=False)
+    return TileClassifier(dm.input_spec, width=8, tta=False)
 
 
 def test_bad_tile_met_in_a_worker_is_raised_in_the_main_process(eurosat_root, tmp_path):

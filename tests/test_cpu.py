@@ -11,7 +11,8 @@ from hydra import compose, initialize_config_module
 from omegaconf import OmegaConf
 from torch.profiler import ProfilerActivity, profile
 
-from deforest.cli.train import train, use_cpu_settings
+from deforest.build import use_cpu_settings
+from deforest.cli.train import train
 from deforest.cpu import ShareCoresBetweenJobs, parallel_jobs, resolve_threads, use_onednn
 
 LOCAL = "hydra_plugins.hydra_submitit_launcher.submitit_launcher.LocalLauncher"

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import shutil
 from collections import Counter
 from pathlib import Path
@@ -143,15 +145,20 @@ def test_datamodule_statistics_cached_and_invalidated(eurosat_root, tmp_path):
     assert len(stats_files) == 1
     train = dm.datasets["train"]
     pixels = np.stack([np.log1p(train.read(i)) for i in range(len(train))])
-    np.testing.assert_allclose(dm.band_mean, pixels.mean(axis=(0, 2, 3)), rtol=1e-5)
-    np.testing.assert_allclose(dm.band_std, pixels.std(axis=(0, 2, 3)), rtol=1e-4)
+    np.testing.assert_allclose(dm.input_spec.normalization.mean, pixels.mean(axis=(0, 2, 3)), rtol=1e-5)
+    np.testing.assert_allclose(dm.input_spec.normalization.std, pixels.std(axis=(0, 2, 3)), rtol=1e-4)
+    # the second setup takes the cached file (marked here) instead of measuring again
+    marked = {"mean": [1.5] * 13, "std": [2.5] * 13}
+    stats_files[0].write_text(json.dumps(marked))
     again = TileDataModule(FolderLayout(tmp_path / "d"), val_fraction=0.2, test_fraction=0.2, cache_dir=str(cache))
     again.setup()
-    assert again.band_mean == dm.band_mean and len(list(cache.glob("stats-*.json"))) == 1
+    assert again.input_spec.normalization.mean == marked["mean"] and again.input_spec.normalization.std == marked["std"]
+    assert len(list(cache.glob("stats-*.json"))) == 1
     next((tmp_path / "d" / "River").glob("*.tif")).unlink()
     changed = TileDataModule(FolderLayout(tmp_path / "d"), val_fraction=0.2, test_fraction=0.2, cache_dir=str(cache))
     changed.setup()
     assert len(list(cache.glob("stats-*.json"))) == 2
+    assert changed.input_spec.normalization.mean != marked["mean"]  # measured, not the stale file
 
 
 def test_empty_class_folder_is_an_error(eurosat_root, tmp_path):

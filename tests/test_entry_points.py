@@ -14,7 +14,7 @@ from hydra import compose, initialize_config_module
 
 from conftest import REPO
 from deforest.cli.overrides import override_problem
-from deforest.cli.train import build_trainer
+from deforest.build import build_trainer
 from deforest.datasets import DatasetError, FolderLayout
 from deforest.paths import shipped_data_dir
 

@@ -14,9 +14,10 @@ from torchmetrics.classification import (
 )
 
 from deforest.datasets import MULTICLASS, MULTILABEL
-from deforest.metrics import compute_metrics, decide, tune_thresholds
+from deforest.metrics import compute_metrics, decide
 from deforest.plots import quicklook
 from deforest.report import rgb_bands
+from deforest.thresholds import ThresholdTuner, tune_thresholds
 
 
 def _multilabel_predictions(seed: int = 0, n: int = 120, c: int = 5) -> tuple[torch.Tensor, torch.Tensor]:
@@ -40,6 +41,23 @@ def test_tuned_thresholds_are_the_best_per_label(metric, beta):
         assert float(tuned) == pytest.approx(best, abs=1e-6)
         assert float(tuned) >= float(score(probs[:, label], target[:, label])) - 1e-7  # at 0.5
     assert float(thresholds[4]) == 0.5  # no positive: nothing to tune
+
+
+def test_validation_thresholds_are_tuned_on_the_other_tiles():
+    probs, target = _multilabel_predictions()
+    kept, scoring = ThresholdTuner("f1").fit(probs, target)
+    torch.testing.assert_close(kept, tune_thresholds(probs, target, "f1"))  # the checkpoint's
+    even = torch.arange(len(probs)) % 2 == 0
+    for scored, other in ((even, ~even), (~even, even)):
+        expected = tune_thresholds(probs[other], target[other], "f1").expand(int(scored.sum()), -1)
+        torch.testing.assert_close(scoring[scored], expected)
+    # a tile's own prediction never moves the threshold it is scored at
+    moved = probs.clone()
+    moved[even] = torch.rand(int(even.sum()), probs.shape[1], generator=torch.Generator().manual_seed(9))
+    torch.testing.assert_close(ThresholdTuner("f1").fit(moved, target)[1][even], scoring[even])
+    assert not torch.allclose(ThresholdTuner("f1").fit(moved, target)[1][~even], scoring[~even])
+    with pytest.raises(ValueError, match="tune_thresholds must be one of"):
+        ThresholdTuner("f3")
 
 
 def test_tuned_thresholds_do_not_lower_macro_f1():

@@ -14,7 +14,8 @@ import rasterio
 from hydra import compose, initialize_config_module
 
 from deforest.cli.pack import pack
-from deforest.cli.train import build_datamodule, train
+from deforest.build import build_datamodule
+from deforest.cli.train import train
 from deforest.datasets import BigEarthNetLayout, DatasetError, FolderLayout
 from deforest.io import TileError
 from deforest.pack import PackedLayout, pack_dataset
@@ -52,7 +53,7 @@ def test_packed_items_equal_file_items(train_config, sample_pack, bands):
     files, packed = _datamodules(train_config, sample_pack, extra)
     assert isinstance(packed.layout, PackedLayout)
     assert packed.assignment == files.assignment and packed.bands == files.bands
-    assert packed.band_mean == pytest.approx(files.band_mean) and packed.band_std == pytest.approx(files.band_std)
+    assert packed.input_spec.normalization.mean == pytest.approx(files.input_spec.normalization.mean) and packed.input_spec.normalization.std == pytest.approx(files.input_spec.normalization.std)
     for split in ("train", "val", "test"):
         a, b = files.datasets[split], packed.datasets[split]
         assert a.sources == b.sources and np.array_equal(a.targets, b.targets) and len(a) > 0

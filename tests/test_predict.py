@@ -16,6 +16,7 @@ from hydra import compose, initialize_config_module
 from conftest import compose_train_config
 from deforest.cli.predict import predict
 from deforest.cli.train import train
+from deforest.contract import Normalization, untrained_spec
 from deforest.io import TileError
 from deforest.labelling import VectorLabels
 from deforest.module import TileClassifier
@@ -45,12 +46,12 @@ def rondonia(scenes_root, tmp_path_factory):
     return {"scene": scene_path, "tiles": tiles, "points": points, "ckpt": metrics["best_checkpoint"]}
 
 
-def save_untrained(path: Path, task: str, class_names: list[str], bands: int, tile: int, thresholds=None) -> Path:
-    """A checkpoint of an untrained classifier (for output layout and nodata checks, not accuracy)."""
-    model = TileClassifier(
-        task, class_names, band_mean=[4.0] * bands, band_std=[1.0] * bands, bands=list(range(1, bands + 1)),
-        tile_size=[tile, tile], source_band_count=bands, width=8, tta=False, thresholds=thresholds,
-    )
+def save_untrained(path: Path, task: str, class_names: list[str], bands: int, tile: int, thresholds=None, **spec) -> Path:
+    """A checkpoint of an untrained classifier (for output layout, nodata and band-order
+    checks, not accuracy); ``spec``: changes to its input contract."""
+    spec = {"normalization": Normalization([4.0] * bands, [1.0] * bands), **spec}
+    spec = untrained_spec(task, class_names, bands, tile, thresholds=thresholds, **spec)
+    model = TileClassifier(spec, width=8, tta=False)
     trainer = pl.Trainer(logger=False, enable_checkpointing=False, accelerator="cpu", enable_progress_bar=False)
     trainer.strategy.connect(model)
     trainer.save_checkpoint(path)
@@ -60,7 +61,7 @@ def save_untrained(path: Path, task: str, class_names: list[str], bands: int, ti
 @pytest.mark.slow  # shares the module fixture that trains on the Rondonia tiles
 def test_rondonia_full_resolution_map_has_the_scene_grid(rondonia, tmp_path):
     model, spec = load_classifier(rondonia["ckpt"])
-    assert spec.band_count == 6 and spec.tile_size == 16 and spec.class_names == sorted(RONDONIA_CLASSES.values())
+    assert spec.source_band_count == 6 and spec.tile_size == [16, 16] and spec.class_names == sorted(RONDONIA_CLASSES.values())
     out = tmp_path / "map.tif"
     with Scene(rondonia["scene"]) as scene:
         predict_scene(model, spec, scene, out, stride=8, full_resolution=True)
@@ -98,7 +99,7 @@ def test_rondonia_one_pixel_per_window(rondonia, tmp_path):
 def test_tiles_to_csv(rondonia, tmp_path):
     model, spec = load_classifier(rondonia["ckpt"])
     out = tmp_path / "tiles.csv"
-    assert predict_tiles(model, spec, rondonia["tiles"], out, batch_size=32) == 91
+    assert predict_tiles(model, spec, rondonia["tiles"], out, batch_size=32)["tiles"] == 91
     with out.open(newline="") as handle:
         rows = list(csv.DictReader(handle))
     with (rondonia["tiles"] / "labels.csv").open(newline="") as handle:

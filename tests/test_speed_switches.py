@@ -6,6 +6,7 @@ import lightning.pytorch as pl
 import pytest
 import torch
 
+from deforest.contract import untrained_spec
 from deforest.datamodule import TileDataModule
 from deforest.datasets import FolderLayout
 from deforest.module import TileClassifier
@@ -14,7 +15,7 @@ from deforest.transforms import d4_views, random_d4
 
 def _model(**switches) -> TileClassifier:
     torch.manual_seed(0)
-    return TileClassifier("multiclass", ["a", "b", "c"], [0.0] * 4, [1.0] * 4, log_scale=False, width=8, **switches)
+    return TileClassifier(untrained_spec("multiclass", ["a", "b", "c"], 4, 16), width=8, **switches)
 
 
 def _which_view(out: torch.Tensor, tile: torch.Tensor) -> int:

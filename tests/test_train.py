@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -10,7 +11,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from deforest.cli.train import build_datamodule, network_band_positions, train
+from deforest.build import build_datamodule, network_band_positions
+from deforest.cli.train import train
+from deforest.contract import InputSpec
 from deforest.module import TileClassifier
 
 
@@ -20,7 +23,10 @@ def test_fast_dev_run_multiclass(train_config, tmp_path):
     assert 0.0 <= metrics["test/accuracy"] <= 1.0
     written = json.loads((tmp_path / "metrics.json").read_text())
     assert set(f"test/recall/{c}" for c in ("Forest", "River", "SeaLake")) <= set(written)
-    assert (tmp_path / "summary.md").is_file() and (tmp_path / "class_distribution.png").stat().st_size > 1000
+    summary = (tmp_path / "summary.md").read_text()
+    assert re.search(r"- splits: train 196, val 20, test 54 \(random, digest [0-9a-f]{16}, 0 dropped at block edges\)", summary)
+    assert f"| test/accuracy | {metrics['test/accuracy']:.4f} |" in summary
+    assert (tmp_path / "class_distribution.png").stat().st_size > 1000
 
 
 def test_fast_dev_run_multilabel_bigearthnet(train_config, bigearthnet_root, tmp_path):
@@ -42,8 +48,13 @@ def test_short_training_learns_and_checkpoint_carries_preprocessing(train_config
     ckpt = Path(written["best_checkpoint"])
     assert ckpt.parent == tmp_path / "checkpoints" and (tmp_path / "checkpoints" / "last.ckpt").is_file()
     model = TileClassifier.load_from_checkpoint(ckpt, map_location="cpu")
-    assert model.class_names[1] == "Forest" and model.hparams.bands == list(range(1, 14))
+    assert model.class_names[1] == "Forest" and model.input_spec.bands == list(range(1, 14))
     assert model.normalizer.mean.shape == (1, 13, 1, 1)
+    # the contract is plain data at the checkpoint's top level, loadable without pickled code
+    stored = torch.load(ckpt, map_location="cpu", weights_only=True)["input_spec"]
+    assert InputSpec.from_dict(stored) == model.input_spec
+    assert stored["band_names"][:3] == ["B01", "B02", "B03"] and stored["split"]["kind"] == "random"
+    assert sorted(len(v) for v in stored["split"]["lists"].values()) == [20, 54, 196]
     assert (tmp_path / "csv" / "metrics.csv").is_file()
 
 
@@ -80,7 +91,7 @@ def test_band_statistics_head_trains_beside_the_cnn(train_config, tmp_path):
         cnn, stats = model.head_logits(tiles)
         torch.testing.assert_close(model(tiles), (cnn + stats) / 2)
         # the CNN does not see the atmospheric bands B01, B09, B10; the statistics head does
-        assert model.hparams.network_bands == [1, 2, 3, 4, 5, 6, 7, 10, 11, 12]
+        assert model.input_spec.network_bands == [1, 2, 3, 4, 5, 6, 7, 10, 11, 12]
         hazy = tiles.clone()
         hazy[:, [0, 8, 9]] *= 3
         cnn_hazy, stats_hazy = model.head_logits(hazy)
@@ -106,7 +117,7 @@ def test_network_band_exclusion_follows_band_names(train_config, bigearthnet_roo
     cfg = train_config(overrides)
     datamodule = build_datamodule(cfg.data)
     datamodule.setup("fit")
-    positions = network_band_positions(list(cfg.model.network_exclude_bands), datamodule)
+    positions = network_band_positions(list(cfg.model.network_exclude_bands), datamodule.loaded_band_names)
     if expected == "bigearthnet":
         names = datamodule.loaded_band_names
         assert len(names) == 12 and [names[i] for i in positions] == [n for n in names if n not in ("B01", "B09")]
@@ -119,4 +130,4 @@ def test_network_band_exclusion_must_leave_a_band(train_config):
     datamodule = build_datamodule(cfg.data)
     datamodule.setup("fit")
     with pytest.raises(ValueError, match=r"leaves the network none of the bands \['B01', 'B09'\]"):
-        network_band_positions(["B01", "B09", "B10"], datamodule)
+        network_band_positions(["B01", "B09", "B10"], datamodule.loaded_band_names)

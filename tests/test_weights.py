@@ -16,7 +16,8 @@ import torch
 import torchvision
 from safetensors.torch import save_file
 
-from deforest.cli.train import build_datamodule, build_model, train
+from deforest.build import build_datamodule, build_model
+from deforest.cli.train import train
 from deforest.module import TileClassifier
 from deforest.predict import load_classifier
 from deforest.weights import WeightsError
@@ -80,7 +81,7 @@ def test_imagenet_weights_load_from_the_hub_cache(hub, train_config):
     plan = model.hparams.pretrained
     assert plan["weights"].startswith("imagenet") and plan["dropped_bands"] == []
     assert plan["new_bands"] == [b for b in EUROSAT_BANDS if b not in ("B02", "B03", "B04")]
-    assert model.hparams.normalization_source == "data statistics" and model.hparams.log_scale is True
+    assert model.spec.normalization.source == "training" and model.spec.normalization.transform == "log1p"
 
 
 def test_torchgeo_weight_name_loads_with_its_bands_and_scaling(hub, train_config):
@@ -94,9 +95,9 @@ def test_torchgeo_weight_name_loads_with_its_bands_and_scaling(hub, train_config
     torch.testing.assert_close(model.net.conv1.weight, ssl4eo["conv1.weight"][:, SSL4EO_INDEX])
     torch.testing.assert_close(model.net.layer4[0].downsample[0].weight, ssl4eo["layer4.0.downsample.0.weight"])
     # SSL4EO-S12 inputs are reflectance / 10,000, not this data's log1p statistics
-    assert model.hparams.normalization_source == "ResNet18_Weights.SENTINEL2_ALL_MOCO"
-    assert model.hparams.log_scale is False
-    assert model.hparams.band_mean == [0.0] * 13 and model.hparams.band_std == [10000.0] * 13
+    norm = model.spec.normalization
+    assert norm.source == "ResNet18_Weights.SENTINEL2_ALL_MOCO" and norm.transform == "scale"
+    assert norm.mean == [0.0] * 13 and norm.std == [10000.0] * 13
     x = torch.full((1, 13, 4, 4), 2500.0)
     torch.testing.assert_close(model.normalizer(x), torch.full_like(x, 0.25))
 
@@ -115,7 +116,7 @@ def test_torchgeo_vit_weights_load_into_a_timm_backbone(hub, train_config):
     torch.testing.assert_close(net.blocks[11].mlp.fc2.weight, dino["blocks.11.mlp.fc2.weight"])
     assert dino["pos_embed"].shape[1] == 1 + 14 * 14 and net.pos_embed.shape[1] == 1 + 4 * 4
     torch.testing.assert_close(net.pos_embed[:, 0], dino["pos_embed"][:, 0])  # the class token's own
-    assert model.hparams.band_std == [10000.0] * 13
+    assert model.spec.normalization.std == [10000.0] * 13
     with torch.no_grad():
         assert model(torch.rand(2, 13, 64, 64) * 3000).shape == (2, 10)
 
@@ -148,7 +149,7 @@ def test_local_file_with_weights_bands_maps_kernels_by_name(tmp_path, train_conf
     torch.testing.assert_close(model.net.conv1.weight[:, EUROSAT_BANDS.index("B8A")], kernels.mean(dim=1) * scale)
     assert model.hparams.pretrained["weights_bands"] == ["B8", "B4", "B3", "B2"]
     assert len(model.hparams.pretrained["new_bands"]) == 9
-    assert model.hparams.band_std == [3000.0] * 13 and model.hparams.log_scale is False
+    assert model.spec.normalization.std == [3000.0] * 13 and model.spec.normalization.transform == "scale"
 
 
 def test_a_file_without_band_names_is_matched_in_order_when_the_counts_agree(tmp_path, train_config, caplog):
@@ -197,9 +198,9 @@ def test_preprocessing_and_band_mapping_travel_with_the_checkpoint(hub, train_co
     assert "first-layer kernels by band" in caplog.text and "'B8A': 'B8a'" in caplog.text
     cached.unlink()  # loading the checkpoint must not need the weights again
     for model in (TileClassifier.load_from_checkpoint(metrics["best_checkpoint"]), load_classifier(metrics["best_checkpoint"])[0]):
-        assert model.hparams.normalization_source == "ResNet18_Weights.SENTINEL2_ALL_MOCO"
+        assert model.spec.normalization.source == "ResNet18_Weights.SENTINEL2_ALL_MOCO"
         assert model.hparams.pretrained["weights_bands"] == SSL4EO_BANDS
-        assert model.hparams.band_names == EUROSAT_BANDS
+        assert model.spec.band_names == EUROSAT_BANDS
         x = torch.rand(2, 13, 64, 64) * 5000
         model.eval()
         with torch.no_grad():
@@ -208,7 +209,7 @@ def test_preprocessing_and_band_mapping_travel_with_the_checkpoint(hub, train_co
     again = train_config(["model=resnet18", f"model.weights={metrics['best_checkpoint']}", "data.bands=[B04,B03,B02,B08]"])
     model = build_model(again.model, again.loss, _datamodule(again))
     assert model.hparams.pretrained["network_bands"] == ["B04", "B03", "B02", "B08"]
-    assert model.hparams.band_std == [10000.0] * 4 and model.hparams.log_scale is False
+    assert model.spec.normalization.std == [10000.0] * 4 and model.spec.normalization.transform == "scale"
 
 
 def test_small_tile_stem_drops_the_pretrained_stem_and_says_so(tmp_path, train_config, caplog):
@@ -244,7 +245,7 @@ def _changed(before: dict[str, torch.Tensor], module: torch.nn.Module) -> set[st
 def test_backbone_finetuning_freezes_then_unfreezes_at_the_scaled_rate(tmp_path, train_config):
     import lightning.pytorch as pl
 
-    from deforest.cli.train import build_trainer
+    from deforest.build import build_trainer
 
     torch.save(_timm_resnet("resnet18", 13), tmp_path / "s2.pth")
     cfg = train_config(["model=resnet18", f"model.weights={tmp_path / 's2.pth'}", f"model.weights_bands=[{','.join(SSL4EO_BANDS)}]",
@@ -279,7 +280,7 @@ def test_linear_probe_trains_only_the_head(tmp_path, train_config):
     datamodule = _datamodule(cfg)
     model = build_model(cfg.model, cfg.loss, datamodule)
     before = _snapshot(model.net)
-    from deforest.cli.train import build_trainer
+    from deforest.build import build_trainer
 
     build_trainer(cfg).fit(model, datamodule=datamodule)
     assert _changed(before, model.net) == {"fc.1.weight", "fc.1.bias"}  # batch-norm statistics included

@@ -1,7 +1,9 @@
 """``deforest-eval``: evaluate a checkpoint on a dataset split and write the run report.
 
-The checkpoint decides the bands, normalisation, class names, task, TTA and thresholds;
-the data config only says where the tiles are and how they are split.
+The checkpoint's input contract decides the bands, nodata fill, normalisation, class
+names, task and thresholds, and by default the split: the tiles of each split are the
+ones the model was trained, validated and tested on, whatever the data config says. The
+data config says where the tiles are; ``resplit=true`` splits them by its settings instead.
 """
 
 from __future__ import annotations
@@ -12,18 +14,16 @@ from pathlib import Path
 from typing import Any
 
 import hydra
-import numpy as np
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
+from deforest.build import build_datamodule, build_trainer, use_cpu_settings
 from deforest.checkpoints import checkpoint_epoch
 from deforest.cli.errors import exit_on_user_error
 from deforest.cli.overrides import checked_overrides
-from deforest.cli.train import CONFIG_PATH, build_datamodule, build_trainer, headline_metrics, use_cpu_settings
-from deforest.datamodule import TileDataModule
-from deforest.datasets import MULTICLASS, SPLITS, DatasetError
+from deforest.cli.train import CONFIG_PATH, headline_metrics
+from deforest.datasets import SPLITS, DatasetError
 from deforest.module import TileClassifier
 from deforest.report import report_on_split
-from deforest.validation import nodata_fill
 
 log = logging.getLogger(__name__)
 
@@ -36,57 +36,34 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     if not ckpt.is_file():
         raise FileNotFoundError(f"ckpt_path {ckpt} does not exist")
     model = TileClassifier.load_from_checkpoint(ckpt, map_location="cpu")
-    datamodule = build_datamodule(OmegaConf.merge(cfg.data, {"bands": list(model.hparams.bands)}))
+    spec = model.input_spec
+    resplit = bool(cfg.get("resplit")) or spec.split is None
+    datamodule = build_datamodule(cfg.data, input_spec=spec, resplit=resplit, test_split=cfg.split)
     datamodule.setup("test")
-    align_classes(datamodule, cfg.split, model)
-    if tuple(datamodule.tile_size) != tuple(model.hparams.tile_size or datamodule.tile_size):
-        log.warning("tiles are %s pixels, the model was trained on %s", datamodule.tile_size, model.hparams.tile_size)
+    if len(datamodule.datasets[cfg.split]) == 0:
+        raise DatasetError(f"{datamodule.layout.root}: the {cfg.split} split is empty")
+    if list(datamodule.tile_size) != list(spec.tile_size):
+        log.warning("tiles are %s pixels, the model was trained on %s", datamodule.tile_size, spec.tile_size)
+    split = datamodule.input_spec.split
+    source = "this config (resplit=true)" if resplit else "the checkpoint"
+    log.info("evaluating on the %s split of %s (%s, digest %s)", cfg.split, source, split.kind, split.digest)
     trainer = build_trainer(cfg)
-    # the datamodule's own loader settings (collation of skipped bad tiles included), unshuffled
-    loader = datamodule._loader(cfg.split, shuffle=False)
-    results = trainer.test(model, dataloaders=loader, verbose=False)
+    # through the datamodule: its collation and bad-tile policy apply as in training
+    results = trainer.test(model, datamodule=datamodule, verbose=False)
     output_dir = Path(cfg.paths.output_dir)
-    metrics: dict[str, Any] = {"checkpoint": str(ckpt), "data_root": str(cfg.data.root), "split": cfg.split}
-    metrics[f"{cfg.split}/loss"] = float(results[0]["test/loss"])
+    metrics: dict[str, Any] = {
+        "checkpoint": str(ckpt), "data_root": str(cfg.data.root), "split": cfg.split,
+        "split_source": "config" if resplit else "checkpoint", "split_digest": split.digest,
+    }
+    metrics.update({f"{cfg.split}/{k.split('/', 1)[1]}": float(v) for k, v in results[0].items()})
     if trainer.is_global_zero:
-        details = [f"checkpoint: `{ckpt}`", f"data: `{cfg.data.root}`"]
+        details = [f"checkpoint: `{ckpt}`", f"data: `{cfg.data.root}`", f"split: {source}, digest `{split.digest}`"]
         csv_log = ckpt.resolve().parent.parent / "csv" / "metrics.csv"  # the training run's, when beside it
         metrics.update(report_on_split(model, datamodule, cfg.split, output_dir, cfg.report, trainer.loggers,
                                        details, csv_log if csv_log.is_file() else None, checkpoint_epoch(ckpt)))
+        output_dir.mkdir(parents=True, exist_ok=True)
         (output_dir / "metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True))
     return metrics
-
-
-def align_classes(datamodule: TileDataModule, split: str, model: TileClassifier) -> None:
-    """Put the split's targets in the checkpoint's class order, and fill its nodata pixels with
-    the raw values the checkpoint's statistics normalise to 0 (not this dataset's).
-
-    A multi-class tile of a class the model does not know cannot be scored: an error.
-    Multi-label tags the model does not know are dropped with a warning.
-    """
-    if datamodule.task != model.task:
-        raise DatasetError(f"{datamodule.layout.root}: the data is {datamodule.task}, the checkpoint {model.task}")
-    dataset = datamodule.datasets[split]
-    if len(dataset) == 0:
-        raise DatasetError(f"{datamodule.layout.root}: the {split} split is empty")
-    known = {name: i for i, name in enumerate(model.class_names)}
-    unknown = [n for n in datamodule.class_names if n not in known]
-    targets = np.asarray(dataset.targets)
-    if model.task == MULTICLASS:
-        present = {datamodule.class_names[t] for t in targets.tolist()}
-        if present & set(unknown):
-            raise DatasetError(f"{datamodule.layout.root}: class(es) {sorted(present & set(unknown))} "
-                               f"are not among the checkpoint's classes {model.class_names}")
-        aligned = np.asarray([known[datamodule.class_names[t]] for t in targets.tolist()], np.int64)
-    else:
-        if unknown:
-            log.warning("labels %s are not among the checkpoint's classes and are ignored", unknown)
-        aligned = np.zeros((len(targets), len(known)), np.uint8)
-        for column, name in enumerate(datamodule.class_names):
-            if name in known:
-                aligned[:, known[name]] = targets[:, column]
-    dataset.targets = aligned
-    dataset.fill = nodata_fill(model.hparams.band_mean, model.hparams.log_scale)
 
 
 @checked_overrides("eval")

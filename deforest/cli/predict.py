@@ -24,13 +24,13 @@ def predict(cfg: DictConfig) -> dict[str, object]:
     if (cfg.get("scene") is None) == (cfg.get("tiles") is None):
         raise ValueError("give exactly one of scene=PATH (a map) or tiles=DIR (a CSV)")
     model, spec = load_classifier(cfg.ckpt_path, resolve_device(cfg.device))
-    if cfg.get("tile_size") and cfg.tile_size != spec.tile_size:
-        log.warning("tile_size=%d overrides the checkpoint's %d", cfg.tile_size, spec.tile_size)
-        spec = dataclasses.replace(spec, tile_size=int(cfg.tile_size))
+    if cfg.get("tile_size") and [cfg.tile_size] * 2 != spec.tile_size:
+        log.warning("tile_size=%d overrides the checkpoint's %s", cfg.tile_size, spec.tile_size)
+        spec = dataclasses.replace(spec, tile_size=[int(cfg.tile_size)] * 2)
     if cfg.get("tiles") is not None:
-        count = predict_tiles(model, spec, cfg.tiles, cfg.out, cfg.batch_size)
-        log.info("wrote predictions for %d tiles to %s", count, cfg.out)
-        return {"out": cfg.out, "tiles": count}
+        summary = predict_tiles(model, spec, cfg.tiles, cfg.out, cfg.batch_size)
+        log.info("wrote predictions for %d tiles to %s (band order %s)", summary["tiles"], cfg.out, summary["band_order"])
+        return summary
     scene_paths = OmegaConf.to_container(cfg.scene) if OmegaConf.is_list(cfg.scene) else cfg.scene
     with Scene(scene_paths) as scene:
         summary = predict_scene(
