@@ -21,14 +21,14 @@ from torch.utils.data import DataLoader, Dataset
 
 from deforest.datasets import MULTICLASS, SPLITS, DatasetError, TileIndex, TileLayout, describe_split_counts
 from deforest.io import RasterHeader, TileError, file_fingerprint, read_header, resolve_bands
-from deforest.pack import PackedLayout
+from deforest.batch_transforms import PackedBatchTransform, collate_batches, is_device_d4
+from deforest.pack import PackedLayout, open_pack
 from deforest.splits import assign_splits, spatial_blocks
 from deforest.transforms import build_augmentation, random_d4
 from deforest.validation import (
     BadTiles,
     check_header,
     check_pixels,
-    collate_tiles,
     fill_nodata,
     nodata_fill,
     reference_header,
@@ -92,6 +92,13 @@ class TileDataset(Dataset):
         target = torch.as_tensor(self.targets[i])
         return {"image": torch.from_numpy(np.ascontiguousarray(image)), "target": target, "index": i}
 
+    def __getitems__(self, indices: list[int]) -> dict | list[dict]:
+        """A pack without worker-side augmentation serves a whole batch in one gather
+        (stored dtype; see :mod:`deforest.batch_transforms`), other layouts one item per tile."""
+        if self.augment is None and isinstance(self.layout, PackedLayout):
+            return self.layout.gather(self.sources, indices, self.bands, self.targets)
+        return [self[i] for i in indices]
+
 
 class TileDataModule(pl.LightningDataModule):
     """Splits a tile layout into train/val/test and serves DataLoaders.
@@ -113,15 +120,16 @@ class TileDataModule(pl.LightningDataModule):
         validate: ``quick`` reads every header, ``full`` also every pixel, ``off`` trusts.
         on_bad_tile: ``error`` stops on a bad tile naming it; ``skip`` leaves it out, logged
             and counted in :attr:`bad_tiles` (see :mod:`deforest.validation`).
-        packed: a pack of ``layout`` written by ``deforest-pack``: tiles are read from it
-            (same samples, splits and augmentation); a stale pack is an error.
+        packed: a pack written by ``deforest-pack``: index, labels, statistics and pixels come
+            from it alone (``layout`` may be ``None``); batches are gathered whole in the stored
+            dtype, converted and D4-augmented on the device (see :mod:`deforest.batch_transforms`).
         device_flips: random flips/rotations of each training batch after it reached the
             device (GPU), instead of augmenting in the DataLoader workers (then ``augment=[]``).
     """
 
     def __init__(
         self,
-        layout: TileLayout,
+        layout: TileLayout | None,
         bands: Sequence[int | str] | None = None,
         batch_size: int = 32,
         num_workers: int = 0,
@@ -152,7 +160,8 @@ class TileDataModule(pl.LightningDataModule):
         if validate not in ("quick", "full", "off"):
             raise ValueError(f"data.validate must be quick, full or off, not {validate!r}")
         self.bad_tiles = BadTiles(on_bad_tile)
-        self.layout = PackedLayout(packed, layout) if packed else layout
+        self.layout = open_pack(packed, cache_dir) if packed else layout
+        self.batch_transform: PackedBatchTransform | None = None
         self.band_selection = None if bands is None else list(bands)
         self.batch_size = batch_size
         self.num_workers = num_workers
@@ -243,6 +252,10 @@ class TileDataModule(pl.LightningDataModule):
             augment.set_random_seed(self.seed)  # albumentations ignores the global seed
         if self.device_flips and self.tile_size[0] != self.tile_size[1]:
             raise ValueError(f"data.device_flips needs square tiles, these are {self.tile_size[0]}x{self.tile_size[1]}")
+        if isinstance(self.layout, PackedLayout):
+            self.batch_transform = PackedBatchTransform(self.nodata, fill)
+            if augment is not None and is_device_d4(self.augment_transforms):
+                augment, self.device_flips = None, True  # one gather per batch, D4 on the device
         for split in SPLITS:
             rows = [i for i, a in enumerate(assignment) if a == split]
             self.datasets[split] = TileDataset(
@@ -259,6 +272,8 @@ class TileDataModule(pl.LightningDataModule):
 
     def _reference_header(self, index: TileIndex) -> RasterHeader:
         """What the dataset's tiles are: the commonest band count and size among the first headers."""
+        if isinstance(self.layout, PackedLayout):
+            return self.layout.header
         wanted = 1 if self.validate == "off" else REFERENCE_SAMPLE
         headers = []
         for source in index.sources:
@@ -358,10 +373,24 @@ class TileDataModule(pl.LightningDataModule):
         if len(rows) > self.stats_max_samples:
             rows = sorted(rng.choice(rows, self.stats_max_samples, replace=False).tolist())
         index = self._index()
+        if isinstance(self.layout, PackedLayout):  # per-tile sums stored in the pack
+            self._packed_nodata_tiles()
+            n, total, total_sq = self.layout.band_sums([index.sources[i] for i in rows], self.bands, self.log_scale).sum(axis=0)
+        else:
+            n, total, total_sq = self._file_sums(rows)
+        n = np.maximum(n, 1)
+        mean = total / n
+        std = np.sqrt(np.maximum(total_sq / n - mean**2, 0.0))
+        std = np.where(std > 1e-6, std, 1.0)  # constant bands: centre, do not blow up
+        stats = {"mean": mean.tolist(), "std": std.tolist()}
+        self._cache_store("stats", stats)
+        return stats["mean"], stats["std"]
+
+    def _file_sums(self, rows: list[int]) -> np.ndarray:
+        """Valid-pixel count, sum and sum of squares per band over the tiles at ``rows``."""
+        index = self._index()
         reader = TileDataset(self.layout, [index.sources[i] for i in rows], index.targets[rows], self.bands, nodata=self.nodata)
-        total = np.zeros(self.num_bands)
-        total_sq = np.zeros(self.num_bands)
-        n = np.zeros(self.num_bands)
+        n, total, total_sq = np.zeros((3, self.num_bands))
         for i in range(len(reader)):
             try:
                 image, valid = reader.read_valid(i)
@@ -376,13 +405,16 @@ class TileDataModule(pl.LightningDataModule):
             total += image.sum(axis=(1, 2))
             total_sq += (image**2).sum(axis=(1, 2))
             n += valid.sum(axis=(1, 2)) if valid is not None else image.shape[1] * image.shape[2]
-        n = np.maximum(n, 1)
-        mean = total / n
-        std = np.sqrt(np.maximum(total_sq / n - mean**2, 0.0))
-        std = np.where(std > 1e-6, std, 1.0)  # constant bands: centre, do not blow up
-        stats = {"mean": mean.tolist(), "std": std.tolist()}
-        self._cache_store("stats", stats)
-        return stats["mean"], stats["std"]
+        return np.stack([n, total, total_sq])
+
+    def _packed_nodata_tiles(self) -> None:
+        """Packed tiles with no valid pixel in the loaded bands are bad tiles (from the pack's counts)."""
+        if self.nodata is None:
+            return
+        sources = self._index().sources
+        counts = self.layout.band_sums(sources, self.bands, self.log_scale)[:, 0].sum(axis=1)
+        for row in np.flatnonzero(counts == 0):
+            self.bad_tiles.add(TileError(sources[row], "every pixel is nodata"), sources[row])
 
     # ---- cache keyed by what the result depends on ------------------------------------
     def _cache_key(self, kind: str) -> str:
@@ -401,7 +433,7 @@ class TileDataModule(pl.LightningDataModule):
         return hashlib.sha256(json.dumps(payload).encode()).hexdigest()[:24]
 
     def _cache_load(self, kind: str) -> dict | None:
-        if self.cache_dir is None:
+        if self.cache_dir is None or isinstance(self.layout, PackedLayout):  # the pack holds them
             return None
         path = self.cache_dir / f"{kind}-{self._cache_key(kind)}.json"
         if not path.is_file():
@@ -412,7 +444,7 @@ class TileDataModule(pl.LightningDataModule):
             return None
 
     def _cache_store(self, kind: str, value: dict) -> None:
-        if self.cache_dir is None:
+        if self.cache_dir is None or isinstance(self.layout, PackedLayout):
             return
         self.cache_dir.mkdir(parents=True, exist_ok=True)
         path = self.cache_dir / f"{kind}-{self._cache_key(kind)}.json"
@@ -433,6 +465,11 @@ class TileDataModule(pl.LightningDataModule):
 
     def _loader(self, split: str, shuffle: bool) -> DataLoader:
         dataset = self.datasets[split]
+        stream = getattr(self.layout, "stream", None)  # a pack in object storage: whole chunks, disjoint per rank
+        if stream is not None:
+            batches = stream(dataset, self.batch_size, shuffle, self.seed, self.num_workers)
+            return DataLoader(batches, batch_size=None, num_workers=self.num_workers, pin_memory=self.pin_memory,
+                              persistent_workers=self.num_workers > 0, collate_fn=collate_batches)
         return DataLoader(
             dataset,
             batch_size=self.batch_size,
@@ -442,11 +479,13 @@ class TileDataModule(pl.LightningDataModule):
             num_workers=self.num_workers,
             pin_memory=self.pin_memory,
             persistent_workers=self.persistent_workers,
-            collate_fn=collate_tiles,
+            collate_fn=collate_batches,
             worker_init_fn=_seed_worker,
         )
 
     def on_after_batch_transfer(self, batch: dict, dataloader_idx: int) -> dict:
+        if self.batch_transform is not None:
+            batch = self.batch_transform(batch)
         if self.device_flips and self.trainer is not None and self.trainer.training:
             batch = {**batch, "image": random_d4(batch["image"])}
         return batch

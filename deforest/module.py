@@ -129,6 +129,9 @@ class TileClassifier(pl.LightningModule):
         )
         self.metrics = torch.nn.ModuleDict({stage: self._metrics() for stage in ("val", "test")})
         self._outputs: dict[str, list[dict[str, Tensor]]] = {"val": [], "test": []}
+        #: per training step since the last check: step, batch, loss finite?, loss, tile indexes
+        self._pending: list[tuple[int, int, Tensor, Tensor, Tensor]] = []
+        self._step_finite: Tensor | None = None
         #: The last val/test epoch's ``probs``, ``target`` and dataset ``index`` (on the CPU), for reports.
         self.predictions: dict[str, dict[str, Tensor]] = {}
 
@@ -160,29 +163,33 @@ class TileClassifier(pl.LightningModule):
 
     # ---- steps --------------------------------------------------------------------------
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor | None:
-        if batch["target"].shape[0] == 0:  # every tile of the batch was a skipped bad tile
-            return None
+        """One step without a device-to-host sync: the non-finite-loss policy acts through
+        ``torch.where`` and is reported at the next check (:meth:`_check_nonfinite`)."""
+        n = batch["target"].shape[0]
+        if n == 0:  # every tile of the batch was a skipped bad tile
+            if self.trainer.world_size == 1:
+                return None
+            # under DDP every rank must run the backward and the synced logs, or the others hang
+            zero = self._zero_loss()
+            self.log("train/loss", zero.detach(), on_step=True, on_epoch=True, prog_bar=True, batch_size=1, sync_dist=True)
+            return zero
         # batch-norm statistics see a NaN batch in the forward pass: keep them to restore on skip
         saved = [b.clone() for b in self._head_buffers()] if self.nonfinite_loss == "skip" else None
         heads = self.head_logits(batch["image"])
         # each head learns from the same batch weights, as if trained alone
         loss = self.criterion(heads, batch["target"])
-        if not torch.isfinite(loss):  # one host sync per step, outside the loss path
-            if saved is not None:
-                with torch.no_grad():
-                    for buffer, value in zip(self._head_buffers(), saved):
-                        buffer.copy_(value)
-                log.warning(
-                    "skipping non-finite training loss at global step %d, batch %d; files: %s",
-                    self.global_step, batch_idx, self._batch_files(batch),
-                )
-                self.log("train/skipped_batches", 1.0, on_step=False, on_epoch=True, reduce_fx="sum")
-                return None
-            raise FloatingPointError(
-                f"non-finite training loss ({loss.detach().item()}) at global step {self.global_step}, "
-                f"batch {batch_idx}; files: {self._batch_files(batch)}"
-            )
-        n = batch["target"].shape[0]
+        finite = torch.isfinite(loss.detach()).float()
+        if self.trainer.world_size > 1:  # every rank takes the same decision
+            torch.distributed.all_reduce(finite, op=torch.distributed.ReduceOp.MIN)
+        finite = finite.bool()
+        self._pending.append((self.global_step, batch_idx, finite, loss.detach(), batch["index"]))
+        if saved is not None:
+            with torch.no_grad():
+                for buffer, value in zip(self._head_buffers(), saved):
+                    buffer.copy_(torch.where(finite, buffer, value))
+            self._step_finite = finite
+            loss = torch.where(finite, loss, self._zero_loss())
+            self.log("train/skipped_batches", (~finite).float(), on_step=False, on_epoch=True, reduce_fx="sum")
         self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=True, batch_size=n, sync_dist=True)
         counts, weights = self.criterion.last_counts, self.criterion.last_weights
         for name, value in (("count", counts), ("weight", weights)):
@@ -191,15 +198,51 @@ class TileClassifier(pl.LightningModule):
             self.log(f"train/{name}_max", value.max(), on_step=False, on_epoch=True, reduce_fx="max", batch_size=n)
         return loss
 
+    def _zero_loss(self) -> Tensor:
+        """A zero that reaches every parameter: a backward pass with zero gradients."""
+        return torch.stack([p.reshape(-1)[0] for p in self.parameters() if p.requires_grad]).sum() * 0.0
+
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        """``skip``: a non-finite step's gradients (NaN where the batch was) become zeros."""
+        finite, self._step_finite = self._step_finite, None
+        if finite is None:
+            return
+        with torch.no_grad():
+            for p in self.parameters():
+                if p.grad is not None:
+                    p.grad.copy_(torch.where(finite, p.grad, torch.zeros_like(p.grad)))
+
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        last = batch_idx + 1 >= self.trainer.num_training_batches
+        if last or self.trainer.global_step % max(self.trainer.log_every_n_steps, 1) == 0:
+            self._check_nonfinite()
+
+    def _check_nonfinite(self) -> None:
+        """The steps since the last check with a non-finite loss: ``error`` raises naming the
+        first one's step and files, ``skip`` warns. One host sync per check, not per step."""
+        pending, self._pending = self._pending, []
+        if not pending:
+            return
+        flags = torch.stack([p[2] for p in pending]).cpu().tolist()
+        for (step, batch_idx, _, loss, index), ok in zip(pending, flags):
+            if ok:
+                continue
+            files = self._batch_files(index)
+            if self.nonfinite_loss == "error":
+                raise FloatingPointError(
+                    f"non-finite training loss ({loss.item()}) at global step {step}, batch {batch_idx}; files: {files}"
+                )
+            log.warning("skipped non-finite training loss at global step %d, batch %d; files: %s", step, batch_idx, files)
+
     def _head_buffers(self) -> list[Tensor]:
         """The heads' batch-norm statistics."""
         heads = [self.net] if self.band_statistics is None else [self.net, self.band_statistics]
         return [b for head in heads for b in head.buffers()]
 
-    def _batch_files(self, batch: dict[str, Tensor]) -> list[str]:
+    def _batch_files(self, index: Tensor) -> list[str]:
         datamodule = getattr(self.trainer, "datamodule", None)
         dataset = getattr(datamodule, "datasets", {}).get("train") if datamodule else None
-        indexes = batch["index"].tolist()
+        indexes = index.tolist()
         return [dataset.sources[i] for i in indexes] if dataset is not None else [str(i) for i in indexes]
 
     def _eval_step(self, batch: dict[str, Tensor], stage: str) -> None:
@@ -229,6 +272,9 @@ class TileClassifier(pl.LightningModule):
             self.thresholds.copy_(tune_thresholds(gathered["probs"].cpu(), gathered["target"].cpu(), self.tune_thresholds))
         self.predictions[stage] = {key: value.cpu() for key, value in gathered.items()}
         collections = self.metrics[stage]
+        if self.trainer.world_size > 1:  # each rank a disjoint share of the de-duplicated tiles:
+            mine = gathered["index"] % self.trainer.world_size == self.global_rank  # synced metrics count each once
+            local = {key: value[mine] for key, value in gathered.items()}
         for kind, inputs in metric_inputs(self.task, local["probs"], local["target"], self.thresholds).items():
             collections[kind].update(*inputs)
         for kind in collections:

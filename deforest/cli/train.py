@@ -30,7 +30,8 @@ def build_datamodule(data_cfg: DictConfig) -> TileDataModule:
     """The datamodule from the ``data`` group (``root`` only feeds the layout)."""
     options = OmegaConf.to_container(data_cfg, resolve=True)
     options.pop("root", None)
-    layout = instantiate(options.pop("layout"))
+    layout = options.pop("layout")
+    layout = None if options.get("packed") else instantiate(layout)  # a pack stands alone
     augment = instantiate(options.pop("augment", None) or [])
     return TileDataModule(layout=layout, augment=list(augment), **options)
 
