@@ -131,7 +131,7 @@ class TileClassifier(pl.LightningModule):
         self._outputs: dict[str, list[dict[str, Tensor]]] = {"val": [], "test": []}
         #: per training step since the last check: step, batch, loss finite?, loss, tile indexes
         self._pending: list[tuple[int, int, Tensor, Tensor, Tensor]] = []
-        self._step_finite: Tensor | None = None
+        self._skip_state: tuple[Tensor, list[Tensor]] | None = None
         #: The last val/test epoch's ``probs``, ``target`` and dataset ``index`` (on the CPU), for reports.
         self.predictions: dict[str, dict[str, Tensor]] = {}
 
@@ -183,11 +183,8 @@ class TileClassifier(pl.LightningModule):
             torch.distributed.all_reduce(finite, op=torch.distributed.ReduceOp.MIN)
         finite = finite.bool()
         self._pending.append((self.global_step, batch_idx, finite, loss.detach(), batch["index"]))
-        if saved is not None:
-            with torch.no_grad():
-                for buffer, value in zip(self._head_buffers(), saved):
-                    buffer.copy_(torch.where(finite, buffer, value))
-            self._step_finite = finite
+        if saved is not None:  # restored after the backward pass, which still needs them
+            self._skip_state = (finite, saved)
             loss = torch.where(finite, loss, self._zero_loss())
             self.log("train/skipped_batches", (~finite).float(), on_step=False, on_epoch=True, reduce_fx="sum")
         self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=True, batch_size=n, sync_dist=True)
@@ -203,11 +200,14 @@ class TileClassifier(pl.LightningModule):
         return torch.stack([p.reshape(-1)[0] for p in self.parameters() if p.requires_grad]).sum() * 0.0
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
-        """``skip``: a non-finite step's gradients (NaN where the batch was) become zeros."""
-        finite, self._step_finite = self._step_finite, None
-        if finite is None:
+        """``skip``: a non-finite step's batch-norm statistics are restored and its gradients
+        (NaN where the batch was) become zeros, on the device."""
+        if self._skip_state is None:
             return
+        (finite, saved), self._skip_state = self._skip_state, None
         with torch.no_grad():
+            for buffer, value in zip(self._head_buffers(), saved):
+                buffer.copy_(torch.where(finite, buffer, value))
             for p in self.parameters():
                 if p.grad is not None:
                     p.grad.copy_(torch.where(finite, p.grad, torch.zeros_like(p.grad)))
