@@ -165,19 +165,19 @@ class TileClassifier(pl.LightningModule):
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor | None:
         """One step without a device-to-host sync: the non-finite-loss policy acts through
         ``torch.where`` and is reported at the next check (:meth:`_check_nonfinite`)."""
-        n = batch["target"].shape[0]
-        if n == 0:  # every tile of the batch was a skipped bad tile
-            if self.trainer.world_size == 1:
-                return None
-            # under DDP every rank must run the backward and the synced logs, or the others hang
-            zero = self._zero_loss()
-            self.log("train/loss", zero.detach(), on_step=True, on_epoch=True, prog_bar=True, batch_size=1, sync_dist=True)
-            return zero
+        n, targets = batch["target"].shape[0], batch["target"]
+        if n == 0 and self.trainer.world_size == 1:  # every tile of the batch was a skipped bad tile
+            return None
         # batch-norm statistics see a NaN batch in the forward pass: keep them to restore on skip
         saved = [b.clone() for b in self._head_buffers()] if self.nonfinite_loss == "skip" else None
-        heads = self.head_logits(batch["image"])
+        if n == 0:  # DDP: this rank still runs the loss's collectives and a (zero) backward, or the others hang
+            zero = self._zero_loss().expand(0, len(self.class_names))
+            heads = [zero] * (1 if self.band_statistics is None else 2)
+            targets = targets.reshape(0) if self.task == MULTICLASS else targets.reshape(0, len(self.class_names))
+        else:
+            heads = self.head_logits(batch["image"])
         # each head learns from the same batch weights, as if trained alone
-        loss = self.criterion(heads, batch["target"])
+        loss = self.criterion(heads, targets)
         finite = torch.isfinite(loss.detach()).float()
         if self.trainer.world_size > 1:  # every rank takes the same decision
             torch.distributed.all_reduce(finite, op=torch.distributed.ReduceOp.MIN)
@@ -187,6 +187,7 @@ class TileClassifier(pl.LightningModule):
             self._skip_state = (finite, saved)
             loss = torch.where(finite, loss, self._zero_loss())
             self.log("train/skipped_batches", (~finite).float(), on_step=False, on_epoch=True, reduce_fx="sum")
+        n = max(n, 1)
         self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=True, batch_size=n, sync_dist=True)
         counts, weights = self.criterion.last_counts, self.criterion.last_weights
         for name, value in (("count", counts), ("weight", weights)):

@@ -221,7 +221,7 @@ def test_bad_tile_fails_packing_naming_file(eurosat_root, tmp_path):
         PackedLayout(tmp_path / "pack")
 
 
-def test_bigearthnet_pack_is_multilabel_and_resampled(bigearthnet_root, tmp_path):
+def test_bigearthnet_pack_is_multilabel_and_resampled(bigearthnet_root, tmp_path, train_config):
     layout = BigEarthNetLayout(bigearthnet_root, size=60)
     result = pack_dataset(layout, tmp_path / "ben")
     assert result.shape == (44, 12, 60, 60) and result.dtype == "uint16"
@@ -232,6 +232,9 @@ def test_bigearthnet_pack_is_multilabel_and_resampled(bigearthnet_root, tmp_path
         assert np.array_equal(packed.read(source, [2, 3, 4]), layout.read(source, [2, 3, 4]))
     with pytest.raises(DatasetError, match="stale"):  # another grid size is another dataset
         check_pack(BigEarthNetLayout(bigearthnet_root, size=120), tmp_path / "ben")
+    dm = build_datamodule(train_config(["data=bigearthnet", f"data.packed={tmp_path / 'ben'}"]).data)  # no data.root
+    dm.setup("fit")
+    assert dm.task == "multilabel" and dm.tile_size == (60, 60) and dm.loaded_band_names[1] == "B02"
 
 
 def test_spawned_workers_do_not_copy_the_pack(sample_pack, eurosat_root):

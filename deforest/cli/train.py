@@ -28,10 +28,10 @@ CONFIG_PATH = "pkg://deforest.conf"
 
 def build_datamodule(data_cfg: DictConfig) -> TileDataModule:
     """The datamodule from the ``data`` group (``root`` only feeds the layout)."""
-    options = OmegaConf.to_container(data_cfg, resolve=True)
-    options.pop("root", None)
-    layout = options.pop("layout")
-    layout = None if options.get("packed") else instantiate(layout)  # a pack stands alone
+    # a pack stands alone: data.root and the layout are then neither resolved nor needed
+    values = {key: data_cfg[key] for key in data_cfg if key not in ("root", "layout")}
+    options = {key: OmegaConf.to_container(v, resolve=True) if OmegaConf.is_config(v) else v for key, v in values.items()}
+    layout = None if options.get("packed") else instantiate(data_cfg.layout)
     augment = instantiate(options.pop("augment", None) or [])
     return TileDataModule(layout=layout, augment=list(augment), **options)
 
@@ -116,11 +116,16 @@ def train(cfg: DictConfig) -> dict[str, float]:
         metrics.update({k: float(v) for k, v in results[0].items()})
         metrics["best_checkpoint"] = best
         if trainer.is_global_zero and cfg.report.enabled:
-            details = [f"checkpoint: `{best or 'final weights (no checkpoint)'}`", f"data: `{cfg.data.root}`"]
+            details = [f"checkpoint: `{best or 'final weights (no checkpoint)'}`", f"data: `{_data_source(cfg)}`"]
             metrics.update(report_on_split(model, datamodule, "test", output_dir, cfg.report, trainer.loggers, details))
     if trainer.is_global_zero:
         _write_records(output_dir, metrics, cfg, datamodule)
     return metrics
+
+
+def _data_source(cfg: DictConfig) -> str:
+    """What the run trained on: the pack when there is one, else the data root."""
+    return str(cfg.data.get("packed") or cfg.data.root)
 
 
 def resume_path(ckpt_path: str | None, output_dir: Path) -> str | None:
@@ -154,7 +159,7 @@ def _write_records(output_dir: Path, metrics: dict[str, Any], cfg: DictConfig, d
     lines = [
         "# deforest run summary",
         "",
-        f"- data: `{cfg.data.root}` ({dm.task}, {len(dm.class_names)} classes, bands {dm.bands}, "
+        f"- data: `{_data_source(cfg)}` ({dm.task}, {len(dm.class_names)} classes, bands {dm.bands}, "
         f"tiles {dm.tile_size[0]}x{dm.tile_size[1]})",
         f"- splits: " + ", ".join(f"{s} {len(d)}" for s, d in dm.datasets.items()),
         f"- model: {cfg.model.backbone}, loss scheme {cfg.loss.scheme} ({cfg.loss.normalize})",
