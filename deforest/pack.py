@@ -158,7 +158,8 @@ def pack_dataset(
         "root": str(Path(layout.root).resolve()),
         "band_names": layout.band_names,
         "band_count": layout.band_count(header.count),
-        "header": {"count": header.count, "height": header.height, "width": header.width, "dtype": header.dtype,
+        # the size as stored (BigEarthNet: resampled to the layout's grid), the rest as read
+        "header": {"count": header.count, "height": shape[2], "width": shape[3], "dtype": header.dtype,
                    "nodata": header.nodata, "descriptions": list(header.descriptions)},
         "nodata": header.nodata,
         "dtype": dtype,
