@@ -469,7 +469,9 @@ class TileDataModule(pl.LightningDataModule):
         if stream is not None:
             batches = stream(dataset, self.batch_size, shuffle, self.seed, self.num_workers)
             return DataLoader(batches, batch_size=None, num_workers=self.num_workers, pin_memory=self.pin_memory,
-                              persistent_workers=self.num_workers > 0, collate_fn=collate_batches)
+                              persistent_workers=self.num_workers > 0, collate_fn=collate_batches,
+                              # fsspec's and zarr's event loops do not survive a fork
+                              multiprocessing_context="spawn" if self.num_workers > 0 else None)
         return DataLoader(
             dataset,
             batch_size=self.batch_size,
