@@ -3,8 +3,8 @@
 Run by ``benchmarks/run.py`` (one process per pipeline, so GDAL settings and page-cache
 warm-up do not leak from one pipeline into another); prints ``{"tiles_per_s": [...]}``.
 
-Pipelines: ``files`` and ``packed`` (this project's datamodule and DataLoader, from the
-real Hydra config), ``torchgeo`` (TorchGeo 0.8.1's EuroSAT dataset), ``rasterio`` (a bare
+Pipelines: ``files``, ``packed`` and ``stream`` (this project's datamodule and DataLoader,
+from the real Hydra config; ``stream`` reads the pack from the S3 server ``run.py`` started), ``torchgeo`` (TorchGeo 0.8.1's EuroSAT dataset), ``rasterio`` (a bare
 open-and-read loop) and ``memcpy`` (a plain copy of the packed bytes).
 """
 
@@ -37,7 +37,7 @@ def _timed(passes: Callable[[], Iterable[int]], reps: int) -> list[float]:
     return rates
 
 
-def deforest_loader(tif_root: Path, cache: Path, packed: Path | None) -> Callable[[], Iterable[int]]:
+def deforest_loader(tif_root: Path, cache: Path, packed: Path | str | None) -> Callable[[], Iterable[int]]:
     """The project's training DataLoader (1 worker) over every tile but a 1% validation share."""
     from hydra import compose, initialize_config_module
 
@@ -106,7 +106,7 @@ def memcpy(pack: Path) -> Callable[[], Iterable[int]]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("pipeline", choices=["files", "packed", "torchgeo", "rasterio", "memcpy"])
+    parser.add_argument("pipeline", choices=["files", "packed", "stream", "torchgeo", "rasterio", "memcpy"])
     parser.add_argument("--work", type=Path, required=True, help="benchmark folder made by run.py")
     parser.add_argument("--reps", type=int, default=5)
     parser.add_argument("--gdal", choices=["default", "empty_dir"], default="default",
@@ -122,6 +122,7 @@ def main() -> None:
     make = {
         "files": lambda: deforest_loader(tif_root, args.work / "cache", None),
         "packed": lambda: deforest_loader(tif_root, args.work / "cache", args.work / "pack"),
+        "stream": lambda: deforest_loader(tif_root, args.work / "cache", "s3://bench/eurosat"),
         "torchgeo": lambda: torchgeo_loader(eurosat),
         "rasterio": lambda: rasterio_loop(tif_root),
         "memcpy": lambda: memcpy(args.work / "pack"),

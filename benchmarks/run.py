@@ -12,11 +12,13 @@ imports do not leak between them.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
 import platform
 import shutil
+import socket
 import statistics
 import subprocess
 import sys
@@ -47,12 +49,15 @@ class Sizes:
     predict_width: int
     epoch_batches: int  # 0: whole epochs
     context: bool  # also measure the GDAL setting's effect on the baselines
+    index_sizes: str  # BigEarthNet-style patch folders per generated tree
 
 
 FULL = Sizes(10_000, 5, step_batch=64, step_size=64, scene_small=2048, scene_large=8192, epochs=3,
-             predict_width=32, epoch_batches=0, context=True)
+             predict_width=32, epoch_batches=0, context=True, index_sizes="5000,10000,20000")
 QUICK = Sizes(300, 5, step_batch=2, step_size=16, scene_small=128, scene_large=256, epochs=1,
-              predict_width=8, epoch_batches=2, context=False)
+              predict_width=8, epoch_batches=2, context=False, index_sizes="50,100,200")
+#: BigEarthNet-S2 v1 patches; the goal: index and pack them in under an hour on 16 cores
+BIGEARTHNET_PATCHES, TARGET_CORES, HOUR = 590_326, 16, 3600.0
 
 
 def copy_eurosat(work: Path, tiles: int) -> int:
@@ -85,13 +90,45 @@ def write_scene(path: Path, size: int, bands: int = 4) -> None:
             dst.write(strip, window=rasterio.windows.Window(0, row, size, block))
 
 
-def child(script: str, *args: str) -> dict:
+def child(script: str, *args: str, env: dict | None = None) -> dict:
     """Run ``benchmarks/<script>`` in a fresh interpreter and return its JSON."""
     cmd = [sys.executable, str(HERE / script), *args]
-    done = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO)
+    done = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, env=env)
     if done.returncode != 0:
         raise RuntimeError(f"{' '.join(cmd)} failed:\n{done.stderr[-4000:]}")
     return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+@contextlib.contextmanager
+def s3_server(work: Path):
+    """moto's S3 server in its own process on 127.0.0.1, a bucket, and the AWS_* environment for it."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    server = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    env = {**os.environ, "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}", "AWS_ACCESS_KEY_ID": "bench",
+           "AWS_SECRET_ACCESS_KEY": "bench", "AWS_DEFAULT_REGION": "us-east-1"}
+    try:
+        for _ in range(300):
+            with socket.socket() as sock:
+                if sock.connect_ex(("127.0.0.1", port)) == 0:
+                    break
+            time.sleep(0.1)
+        subprocess.run([sys.executable, "-c", "import fsspec; fsspec.filesystem('s3').mkdir('bench')"],
+                       check=True, env=env)
+        yield env
+    finally:
+        server.terminate()
+        server.wait()
+
+
+def linear_fit(x: list[float], y: list[float]) -> tuple[float, float]:
+    """Slope and R² of a least-squares line through ``(x, y)``."""
+    slope, intercept = np.polyfit(x, y, 1)
+    residual = np.asarray(y) - (slope * np.asarray(x) + intercept)
+    total = np.sum((np.asarray(y) - np.mean(y)) ** 2)
+    return float(slope), float(1 - np.sum(residual**2) / total) if total > 0 else 1.0
 
 
 def measure(name: str, value: float, baseline: float, goal: str, unit: str, note: str) -> dict:
@@ -126,7 +163,23 @@ def run(sizes: Sizes, work: Path) -> dict:
     for key, script_args in pipelines.items():
         log(f"loader: {key}")
         rates[key] = child("loaders.py", *script_args, *w, "--reps", reps)["tiles_per_s"]
+    with s3_server(work) as s3_env:
+        log("stream: deforest-pack out=s3://bench/eurosat (moto server on 127.0.0.1), then the loader")
+        subprocess.run(
+            [sys.executable, "-m", "deforest.cli.pack", f"data.root={tif_root}", "out=s3://bench/eurosat",
+             f"paths.cache_dir={work / 'cache'}", f"hydra.run.dir={work / 'pack-s3-run'}"],
+            check=True, capture_output=True, cwd=REPO, env=s3_env,
+        )
+        rates["stream"] = child("loaders.py", "stream", *w, "--reps", reps, env=s3_env)["tiles_per_s"]
     med = {k: statistics.median(v) for k, v in rates.items()}
+
+    log(f"indexing and packing BigEarthNet-style trees of {sizes.index_sizes} patches")
+    index = child("index.py", *w, "--sizes", sizes.index_sizes)
+    patches = [n / 1000 for n in index["sizes"]]
+    index_slope, index_r2 = linear_fit(patches, index["index_s"])
+    pack_slope, pack_r2 = linear_fit(patches, index["pack_s"])
+    # indexing runs in one process; packing spreads over the workers: scale it to 16 cores
+    per_1k = index_slope + pack_slope * index["workers"] / TARGET_CORES
 
     log("training step: weighted vs unweighted loss")
     weighting = child("model.py", "weighting", *w, "--reps", reps, "--batch", str(sizes.step_batch),
@@ -174,6 +227,17 @@ def run(sizes: Sizes, work: Path) -> dict:
             statistics.median(pred["windows_per_s"]["forward"]), ">= 0.8", "windows/s",
             f"{sizes.scene_small}px 4-band scene, {pred['windows']} windows, small_cnn width {sizes.predict_width}, "
             "no TTA"),
+        "stream_vs_packed": measure(
+            "stream_vs_packed", med["stream"], med["packed"], ">= 0.5", "tiles/s",
+            "data.packed=s3://... (Zarr v3 over s3fs) from moto's S3 server on 127.0.0.1 vs the local pack"),
+        "index_s_per_1k_patches": measure(
+            "index_s_per_1k_patches", per_1k, HOUR / (BIGEARTHNET_PATCHES / 1000), "<= 1.0", "s/1k patches",
+            f"index {index_slope:.3g} s/1k (R² {index_r2:.4f}) + pack {pack_slope:.3g} s/1k (R² {pack_r2:.4f}) "
+            f"on {index['workers']} workers, scaled to {TARGET_CORES} cores; baseline: 1 h for "
+            f"{BIGEARTHNET_PATCHES} patches; extrapolated {per_1k * BIGEARTHNET_PATCHES / 1000 / 60:.1f} min"),
+        "pack_second_start_s": measure(
+            "pack_second_start_s", max(index["second_start_s"]), 5.0, "<= 1.0", "s",
+            f"datamodule setup from a pack alone, largest of the trees ({index['sizes'][-1]} patches)"),
         "predict_rss_8192_vs_2048": measure(
             "predict_rss_8192_vs_2048", rss[sizes.scene_large], rss[sizes.scene_small], "<= 1.2", "MB",
             f"peak RSS of one process predicting a {sizes.scene_large}px vs a {sizes.scene_small}px scene"),
@@ -191,7 +255,7 @@ def run(sizes: Sizes, work: Path) -> dict:
         "machine": machine(),
         "sizes": sizes.__dict__,
         "samples": {**{f"loader_{k}": v for k, v in rates.items()}, "step": step, "loss": loss,
-                    "predict": pred["windows_per_s"], "rss_mb": rss},
+                    "predict": pred["windows_per_s"], "rss_mb": rss, "index": index},
         "default_epoch_seconds": statistics.median(epoch["seconds_per_epoch"]),
         "default_epoch": epoch,
     }

@@ -30,10 +30,11 @@ log = logging.getLogger(__name__)
 
 def build_datamodule(data_cfg: DictConfig, **overrides: Any) -> TileDataModule:
     """The datamodule from the ``data`` group (``root`` only feeds the layout); ``overrides``
-    are constructor arguments that do not come from the config (e.g. ``input_spec``)."""
-    options = OmegaConf.to_container(data_cfg, resolve=True)
-    options.pop("root", None)
-    layout = instantiate(options.pop("layout"))
+    are constructor arguments that do not come from the config (e.g. ``input_spec``).
+    A pack stands alone: ``data.root`` and the layout are then neither resolved nor needed."""
+    values = {key: data_cfg[key] for key in data_cfg if key not in ("root", "layout")}
+    options = {key: OmegaConf.to_container(v, resolve=True) if OmegaConf.is_config(v) else v for key, v in values.items()}
+    layout = None if options.get("packed") else instantiate(data_cfg.layout)
     augment = instantiate(options.pop("augment", None) or [])
     return TileDataModule(layout=layout, augment=list(augment), **{**options, **overrides})
 

@@ -31,15 +31,15 @@ from deforest.datasets import (
     describe_split_counts,
 )
 from deforest.io import RasterHeader, TileError, file_fingerprint, read_header, resolve_bands
-from deforest.pack import PackedLayout
+from deforest.batch_transforms import PackedBatchTransform, collate_batches, is_device_d4
+from deforest.pack import PackedLayout, open_pack
 from deforest.splits import assign_splits, edge_tiles, imbalance_mask, restore_split, spatial_blocks, subset
-from deforest.statistics import JsonCache, measure_band_statistics, sample_rows
+from deforest.statistics import JsonCache, measure_band_statistics, moments, sample_rows
 from deforest.transforms import build_augmentation, random_d4
 from deforest.validation import (
     BadTiles,
     check_header,
     check_pixels,
-    collate_tiles,
     fill_nodata,
     reference_header,
     valid_pixels,
@@ -100,6 +100,13 @@ class TileDataset(Dataset):
         target = torch.as_tensor(self.targets[i])
         return {"image": torch.from_numpy(np.ascontiguousarray(image)), "target": target, "index": i}
 
+    def __getitems__(self, indices: list[int]) -> dict | list[dict]:
+        """A pack without worker-side augmentation serves a whole batch in one gather
+        (stored dtype; see :mod:`deforest.batch_transforms`), other layouts one item per tile."""
+        if self.augment is None and isinstance(self.layout, PackedLayout):
+            return self.layout.gather(self.sources, indices, self.bands, self.targets)
+        return [self[i] for i in indices]
+
 
 class TileDataModule(pl.LightningDataModule):
     """Splits a tile layout into train/val/test and serves DataLoaders.
@@ -125,8 +132,9 @@ class TileDataModule(pl.LightningDataModule):
         validate: ``quick`` reads every header, ``full`` also every pixel, ``off`` trusts.
         on_bad_tile: ``error`` stops on a bad tile naming it; ``skip`` leaves it out, logged
             and counted in :attr:`bad_tiles` (see :mod:`deforest.validation`).
-        packed: a pack of ``layout`` written by ``deforest-pack``: tiles are read from it
-            (same samples, splits and augmentation); a stale pack is an error.
+        packed: a pack written by ``deforest-pack``: index, labels, statistics and pixels come
+            from it alone (``layout`` may be ``None``); batches are gathered whole in the stored
+            dtype, converted and D4-augmented on the device (see :mod:`deforest.batch_transforms`).
         device_flips: random flips/rotations of each training batch after it reached the
             device (GPU), instead of augmenting in the DataLoader workers (then ``augment=[]``).
         split_files: ``{train: path, val: path, test: path}``: lists of sample names that set
@@ -140,7 +148,7 @@ class TileDataModule(pl.LightningDataModule):
 
     def __init__(
         self,
-        layout: TileLayout,
+        layout: TileLayout | None,
         bands: Sequence[int | str] | None = None,
         batch_size: int = 32,
         num_workers: int = 0,
@@ -176,7 +184,8 @@ class TileDataModule(pl.LightningDataModule):
         if validate not in ("quick", "full", "off"):
             raise ValueError(f"data.validate must be quick, full or off, not {validate!r}")
         self.bad_tiles = BadTiles(on_bad_tile)
-        self.layout = PackedLayout(packed, layout) if packed else layout
+        self.layout = open_pack(packed, cache_dir) if packed else layout
+        self.batch_transform: PackedBatchTransform | None = None
         self.band_selection = None if bands is None else list(bands)
         self.batch_size = batch_size
         self.num_workers = num_workers
@@ -281,6 +290,10 @@ class TileDataModule(pl.LightningDataModule):
             augment.set_random_seed(self.seed)  # albumentations ignores the global seed
         if self.device_flips and self.tile_size[0] != self.tile_size[1]:
             raise ValueError(f"data.device_flips needs square tiles, these are {self.tile_size[0]}x{self.tile_size[1]}")
+        if isinstance(self.layout, PackedLayout):
+            self.batch_transform = PackedBatchTransform(self.nodata, self.input_spec.fill)
+            if augment is not None and is_device_d4(self.augment_transforms):
+                augment, self.device_flips = None, True  # one gather per batch, D4 on the device
         for split in SPLITS:
             rows = [i for i, a in enumerate(assignment) if a == split]
             self.datasets[split] = TileDataset(
@@ -369,9 +382,12 @@ class TileDataModule(pl.LightningDataModule):
 
     def _split_record(self, root: os.PathLike | str, lists: dict[str, list[str]], counts: dict) -> SplitRecord:
         """How this config split the tiles, and the resulting lists."""
-        layout = self.layout.source if isinstance(self.layout, PackedLayout) else self.layout
+        if isinstance(self.layout, PackedLayout):  # the layout the pack was made from, by name only
+            layout = self.layout.record["layout"]["class"].rsplit(".", 1)[-1]
+        else:
+            layout = type(self.layout).__name__
         return SplitRecord(
-            layout=type(layout).__name__,
+            layout=layout,
             root=str(root),
             kind=self.split,
             seed=self.seed,
@@ -386,6 +402,8 @@ class TileDataModule(pl.LightningDataModule):
 
     def _reference_header(self, index: TileIndex) -> RasterHeader:
         """What the dataset's tiles are: the commonest band count and size among the first headers."""
+        if isinstance(self.layout, PackedLayout):
+            return self.layout.header
         wanted = 1 if self.validate == "off" else REFERENCE_SAMPLE
         headers = []
         for source in index.sources:
@@ -459,15 +477,21 @@ class TileDataModule(pl.LightningDataModule):
 
     def _normalization(self) -> Normalization:
         """The checkpoint's normalisation, or per-band statistics of (a seeded sample of) the
-        training split's valid pixels, cached as JSON."""
+        training split's valid pixels: from the pack's per-tile sums, else read once and
+        cached as JSON."""
         if self.reference is not None:
             return self.reference.normalization
         transform = "log1p" if self.log_scale else "scale"
+        index = self._index()
+        rows = sample_rows([i for i, a in enumerate(self.assignment) if a == "train"], self.stats_max_samples, self.seed)
+        if isinstance(self.layout, PackedLayout):
+            self._packed_nodata_tiles()
+            sums = self.layout.band_sums([index.sources[i] for i in rows], self.bands, self.log_scale).sum(axis=0)
+            mean, std = moments(*sums)
+            return Normalization(mean, std, transform=transform)
         key = self._cache_key("stats")
         cached = self.cache.load("stats", key)
         if cached is None:
-            index = self._index()
-            rows = sample_rows([i for i, a in enumerate(self.assignment) if a == "train"], self.stats_max_samples, self.seed)
             reader = TileDataset(self.layout, [index.sources[i] for i in rows], index.targets[rows], self.bands, nodata=self.nodata)
             mean, std = measure_band_statistics(
                 reader.read_valid, len(reader), self.num_bands, self.log_scale,
@@ -476,6 +500,15 @@ class TileDataModule(pl.LightningDataModule):
             cached = {"mean": mean, "std": std}
             self.cache.store("stats", key, cached)
         return Normalization(cached["mean"], cached["std"], transform=transform)
+
+    def _packed_nodata_tiles(self) -> None:
+        """Packed tiles with no valid pixel in the loaded bands are bad tiles (from the pack's counts)."""
+        if self.nodata is None:
+            return
+        sources = self._index().sources
+        counts = self.layout.band_sums(sources, self.bands, self.log_scale)[:, 0].sum(axis=1)
+        for row in np.flatnonzero(counts == 0):
+            self.bad_tiles.add(TileError(sources[row], "every pixel is nodata"), sources[row])
 
     def _cache_key(self, kind: str) -> str:
         """What a cached result depends on: the (training) files, bands and settings."""
@@ -503,6 +536,13 @@ class TileDataModule(pl.LightningDataModule):
 
     def _loader(self, split: str, shuffle: bool) -> DataLoader:
         dataset = self.datasets[split]
+        stream = getattr(self.layout, "stream", None)  # a pack in object storage: whole chunks, disjoint per rank
+        if stream is not None:
+            batches = stream(dataset, self.batch_size, shuffle, self.seed, self.num_workers)
+            return DataLoader(batches, batch_size=None, num_workers=self.num_workers, pin_memory=self.pin_memory,
+                              persistent_workers=self.num_workers > 0, collate_fn=collate_batches,
+                              # fsspec's and zarr's event loops do not survive a fork
+                              multiprocessing_context="spawn" if self.num_workers > 0 else None)
         return DataLoader(
             dataset,
             batch_size=self.batch_size,
@@ -512,11 +552,13 @@ class TileDataModule(pl.LightningDataModule):
             num_workers=self.num_workers,
             pin_memory=self.pin_memory,
             persistent_workers=self.persistent_workers,
-            collate_fn=collate_tiles,
+            collate_fn=collate_batches,
             worker_init_fn=_seed_worker,
         )
 
     def on_after_batch_transfer(self, batch: dict, dataloader_idx: int) -> dict:
+        if self.batch_transform is not None:
+            batch = self.batch_transform(batch)
         if self.device_flips and self.trainer is not None and self.trainer.training:
             batch = {**batch, "image": random_d4(batch["image"])}
         return batch

@@ -218,9 +218,9 @@ class DynamicWeightedLoss(nn.Module):
         set of batch weights (stateful schemes such as ``ema`` see each batch once)."""
         weights, counts, total = self.weights(targets)
         self.last_counts, self.last_weights = counts.detach(), weights.detach()
-        if isinstance(logits, Tensor):
-            return self._weighted_loss(logits, targets, weights)
-        return torch.stack([self._weighted_loss(head, targets, weights) for head in logits]).mean()
+        if isinstance(logits, Tensor):  # float32 under bf16/fp16 autocast: sums of many small terms
+            return self._weighted_loss(logits.float(), targets, weights)
+        return torch.stack([self._weighted_loss(head.float(), targets, weights) for head in logits]).mean()
 
     def _weighted_loss(self, logits: Tensor, targets: Tensor, weights: Tensor) -> Tensor:
         if self.criterion is not None:

@@ -142,6 +142,9 @@ class TileClassifier(pl.LightningModule):
         self.register_buffer("thresholds", torch.as_tensor(spec.decision_thresholds(), dtype=torch.float32))
         self.metrics = torch.nn.ModuleDict({stage: self._metrics() for stage in ("val", "test")})
         self._outputs: dict[str, list[dict[str, Tensor]]] = {"val": [], "test": []}
+        #: per training step since the last check: step, batch, loss finite?, loss, tile indexes
+        self._pending: list[tuple[int, int, Tensor, Tensor, Tensor]] = []
+        self._skip_state: tuple[Tensor, list[Tensor]] | None = None
         #: The last val/test epoch's ``probs``, ``target`` and dataset ``index`` (on the CPU), for reports.
         self.predictions: dict[str, dict[str, Tensor]] = {}
 
@@ -190,29 +193,31 @@ class TileClassifier(pl.LightningModule):
 
     # ---- steps --------------------------------------------------------------------------
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor | None:
-        if batch["target"].shape[0] == 0:  # every tile of the batch was a skipped bad tile
+        """One step without a device-to-host sync: the non-finite-loss policy acts through
+        ``torch.where`` and is reported at the next check (:meth:`_check_nonfinite`)."""
+        n, targets = batch["target"].shape[0], batch["target"]
+        if n == 0 and self.trainer.world_size == 1:  # every tile of the batch was a skipped bad tile
             return None
         # batch-norm statistics see a NaN batch in the forward pass: keep them to restore on skip
         saved = [b.clone() for b in self._head_buffers()] if self.nonfinite_loss == "skip" else None
-        heads = self.head_logits(batch["image"])
+        if n == 0:  # DDP: this rank still runs the loss's collectives and a (zero) backward, or the others hang
+            zero = self._zero_loss().expand(0, len(self.class_names))
+            heads = [zero] * (1 if self.band_statistics is None else 2)
+            targets = targets.reshape(0) if self.task == MULTICLASS else targets.reshape(0, len(self.class_names))
+        else:
+            heads = self.head_logits(batch["image"])
         # each head learns from the same batch weights, as if trained alone
-        loss = self.criterion(heads, batch["target"])
-        if not torch.isfinite(loss):  # one host sync per step, outside the loss path
-            if saved is not None:
-                with torch.no_grad():
-                    for buffer, value in zip(self._head_buffers(), saved):
-                        buffer.copy_(value)
-                log.warning(
-                    "skipping non-finite training loss at global step %d, batch %d; files: %s",
-                    self.global_step, batch_idx, self._batch_files(batch),
-                )
-                self.log("train/skipped_batches", 1.0, on_step=False, on_epoch=True, reduce_fx="sum")
-                return None
-            raise FloatingPointError(
-                f"non-finite training loss ({loss.detach().item()}) at global step {self.global_step}, "
-                f"batch {batch_idx}; files: {self._batch_files(batch)}"
-            )
-        n = batch["target"].shape[0]
+        loss = self.criterion(heads, targets)
+        finite = torch.isfinite(loss.detach()).float()
+        if self.trainer.world_size > 1:  # every rank takes the same decision
+            torch.distributed.all_reduce(finite, op=torch.distributed.ReduceOp.MIN)
+        finite = finite.bool()
+        self._pending.append((self.global_step, batch_idx, finite, loss.detach(), batch["index"]))
+        if saved is not None:  # restored after the backward pass, which still needs them
+            self._skip_state = (finite, saved)
+            loss = torch.where(finite, loss, self._zero_loss())
+            self.log("train/skipped_batches", (~finite).float(), on_step=False, on_epoch=True, reduce_fx="sum")
+        n = max(n, 1)
         self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=True, batch_size=n, sync_dist=True)
         counts, weights = self.criterion.last_counts, self.criterion.last_weights
         for name, value in (("count", counts), ("weight", weights)):
@@ -221,14 +226,53 @@ class TileClassifier(pl.LightningModule):
             self.log(f"train/{name}_max", value.max(), on_step=False, on_epoch=True, reduce_fx="max", batch_size=n)
         return loss
 
+    def _zero_loss(self) -> Tensor:
+        """A zero that reaches every parameter: a backward pass with zero gradients."""
+        return torch.stack([p.reshape(-1)[0] for p in self.parameters() if p.requires_grad]).sum() * 0.0
+
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        """``skip``: a non-finite step's batch-norm statistics are restored and its gradients
+        (NaN where the batch was) become zeros, on the device."""
+        if self._skip_state is None:
+            return
+        (finite, saved), self._skip_state = self._skip_state, None
+        with torch.no_grad():
+            for buffer, value in zip(self._head_buffers(), saved):
+                buffer.copy_(torch.where(finite, buffer, value))
+            for p in self.parameters():
+                if p.grad is not None:
+                    p.grad.copy_(torch.where(finite, p.grad, torch.zeros_like(p.grad)))
+
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        last = batch_idx + 1 >= self.trainer.num_training_batches
+        if last or self.trainer.global_step % max(self.trainer.log_every_n_steps, 1) == 0:
+            self._check_nonfinite()
+
+    def _check_nonfinite(self) -> None:
+        """The steps since the last check with a non-finite loss: ``error`` raises naming the
+        first one's step and files, ``skip`` warns. One host sync per check, not per step."""
+        pending, self._pending = self._pending, []
+        if not pending:
+            return
+        flags = torch.stack([p[2] for p in pending]).cpu().tolist()
+        for (step, batch_idx, _, loss, index), ok in zip(pending, flags):
+            if ok:
+                continue
+            files = self._batch_files(index)
+            if self.nonfinite_loss == "error":
+                raise FloatingPointError(
+                    f"non-finite training loss ({loss.item()}) at global step {step}, batch {batch_idx}; files: {files}"
+                )
+            log.warning("skipped non-finite training loss at global step %d, batch %d; files: %s", step, batch_idx, files)
+
     def _head_buffers(self) -> list[Tensor]:
         """The heads' batch-norm statistics."""
         heads = [self.net] if self.band_statistics is None else [self.net, self.band_statistics]
         return [b for head in heads for b in head.buffers()]
 
-    def _batch_files(self, batch: dict[str, Tensor]) -> list[str]:
+    def _batch_files(self, index: Tensor) -> list[str]:
         """The training batch's files, from the contract's train list (dataset order)."""
-        indexes = batch["index"].tolist()
+        indexes = index.tolist()
         if self.spec.split is None:
             return [str(i) for i in indexes]
         train, root = self.spec.split.lists.get("train", []), self.spec.split.root
@@ -257,6 +301,9 @@ class TileClassifier(pl.LightningModule):
             return
         local = {key: torch.cat([o[key] for o in outputs]) for key in outputs[0]}
         gathered = self._gather(local)
+        if self.trainer.world_size > 1:  # each rank a disjoint share of the de-duplicated tiles:
+            mine = gathered["index"] % self.trainer.world_size == self.global_rank  # synced metrics count each once
+            local = {key: value[mine] for key, value in gathered.items()}
         thresholds: Tensor = self.thresholds
         if stage == "val" and self.threshold_tuner is not None and not self.trainer.sanity_checking:
             kept, scoring = self.threshold_tuner.fit(gathered["probs"].cpu(), gathered["target"].cpu())
@@ -264,7 +311,7 @@ class TileClassifier(pl.LightningModule):
             # each tile scored at thresholds tuned on the other tiles: the checkpoint and sweep
             # selection then see what the thresholds give on data they were not tuned on
             row = {i: r for r, i in enumerate(gathered["index"].tolist())}
-            thresholds = scoring[[row[i] for i in local["index"].tolist()]]
+            thresholds = scoring[[row[i] for i in local["index"].tolist()]].to(local["probs"].device)
         self.predictions[stage] = {key: value.cpu() for key, value in gathered.items()}
         collections = self.metrics[stage]
         for kind, inputs in metric_inputs(self.task, local["probs"], local["target"], thresholds).items():

@@ -1,11 +1,22 @@
-"""Packed tile store: a dataset converted once into one memory-mappable array.
+"""Packed tile store: a dataset converted once into one memory-mappable array that stands alone.
 
 Opening one GeoTIFF per tile costs far more than the pixels it holds; a pack keeps every
 tile of a dataset in a single ``tiles.npy`` (``[N, C, H, W]``, the sources' integer dtype
-where that is lossless, else float32) beside ``index.json`` (task, classes, sources,
-targets, given splits, band names and a fingerprint of the source files).
-:class:`PackedLayout` serves it through the :class:`~deforest.datasets.TileLayout`
-interface, so the datamodule splits, augments and normalises exactly as with the files.
+where that is lossless, else float32) beside everything training needs, so the sources
+can be deleted, or the pack copied to a cluster:
+
+- ``index.json``: a plain JSON document: task, class names, band names, nodata, the
+  header, splits, per-tile extra columns (bounds/CRS from ``deforest-tile``), the source
+  path of each row (a name for reports), the layout settings and a fingerprint;
+- ``targets.npy``: the labels, ``[N]`` int64 or ``[N, classes]`` uint8;
+- ``stats.npy``: per tile and band, float64 ``[N, 5, C]``: valid-pixel count, sum and
+  sum of squares of the raw values, and of ``log1p`` of them, so band statistics of any
+  training split are sums over rows, not a pass over the pixels.
+
+Packing is split into shards of ``shard_tiles`` rows written by ``num_workers`` processes
+straight into the memory-mapped files (memory stays bounded by the shard size); each
+finished shard leaves a marker, so a killed ``deforest-pack`` resumes where it stopped and
+ends with the same bytes as an uninterrupted run.
 """
 
 from __future__ import annotations
@@ -13,22 +24,34 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import multiprocessing
 import os
+import shutil
 from collections.abc import Callable, Sequence
+from concurrent.futures import FIRST_EXCEPTION, ProcessPoolExecutor, wait
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from deforest.datasets import DatasetError, TileIndex, TileLayout
-from deforest.io import TileError, file_fingerprint, read_header
+from deforest.io import RasterHeader, TileError, file_fingerprint, read_header
 
 log = logging.getLogger(__name__)
 
-PACK_VERSION = 1
-TILES, INDEX = "tiles.npy", "index.json"
+PACK_VERSION = 2
+TILES, INDEX, TARGETS, STATS = "tiles.npy", "index.json", "targets.npy", "stats.npy"
+#: where an unfinished pack keeps its plan and one marker per finished shard
+PROGRESS = ".progress"
 #: source dtypes stored as they are; float32 holds these exactly, so reading back is lossless
 NATIVE_DTYPES = frozenset({"uint8", "int8", "uint16", "int16"})
+_TORCH_DTYPES = {"uint8": torch.uint8, "int8": torch.int8, "uint16": torch.uint16, "int16": torch.int16,
+                 "float32": torch.float32}
+#: rows of ``stats.npy``
+N_VALID, SUM, SUM_SQ, LOG_SUM, LOG_SUM_SQ = range(5)
+#: a pack with at most this many sources is checked against them at each start when they exist
+AUTO_CHECK_SOURCES = 20_000
 
 
 def source_files(source: str) -> list[str]:
@@ -43,6 +66,15 @@ def layout_settings(layout: TileLayout) -> dict:
     """The layout's class and options (root, manifest, nomenclature, size, ...)."""
     settings = {k: _absolute(v) for k, v in vars(layout).items() if not k.startswith("_")}
     return {"class": f"{type(layout).__module__}.{type(layout).__qualname__}", **settings}
+
+
+def source_stamps(sources: Sequence[str]) -> list[list[int]]:
+    """Per source: file count, total size and newest mtime (ns) of its files."""
+    stamps = []
+    for source in sources:
+        files = file_fingerprint(source_files(source))
+        stamps.append([len(files), sum(f[1] for f in files), max(f[2] for f in files)])
+    return stamps
 
 
 def fingerprint(layout: TileLayout, index: TileIndex) -> str:
@@ -67,89 +99,195 @@ def _absolute(value: object) -> object:
 
 @dataclass(frozen=True)
 class PackResult:
-    """What :func:`pack_dataset` did: ``written`` is False when the pack was up to date."""
+    """What :func:`pack_dataset` did: ``written`` is False when the pack was up to date;
+    ``resumed`` counts the shards an interrupted run had already finished."""
 
     path: Path
     tiles: int
     shape: tuple[int, ...]
     dtype: str
     written: bool
+    resumed: int = 0
 
 
 def pack_dataset(
     layout: TileLayout,
     out: str | os.PathLike,
     progress: Callable[[int, int], None] | None = None,
+    num_workers: int = 1,
+    shard_tiles: int = 1024,
 ) -> PackResult:
     """Convert every sample of ``layout`` into a pack at ``out`` (a directory).
 
-    Tiles are read and written one at a time into a memory-mapped file, so the dataset
-    need not fit in memory. An existing pack with the same fingerprint is kept; any other
-    is replaced only once the new one is complete.
+    An existing pack with the same fingerprint is kept. Otherwise shards of ``shard_tiles``
+    rows are written by ``num_workers`` processes (``0``/``1``: this process); a previous
+    run of the same plan that was killed is resumed. ``progress(done, total)`` counts tiles.
     """
     out = Path(out).expanduser()
     index = layout.build_index()
     if len(index) == 0:
         raise DatasetError(f"{layout.root}: no tiles found")
     key = fingerprint(layout, index)
-    existing = _read_index(out) if (out / INDEX).is_file() and (out / TILES).is_file() else None
-    if existing is not None and existing.get("fingerprint") == key:
-        shape = tuple(existing["shape"])
-        return PackResult(out, shape[0], shape, existing["dtype"], written=False)
+    if is_pack(out):
+        existing = read_record(out)
+        if existing.get("fingerprint") == key:
+            shape = tuple(existing["shape"])
+            return PackResult(out, shape[0], shape, existing["dtype"], written=False)
 
-    first = read_header(layout.header_source(index.sources[0]))
+    header = read_header(layout.header_source(index.sources[0]))
     sample = layout.read(index.sources[0], None)
-    dtype = first.dtype if first.dtype in NATIVE_DTYPES else "float32"
+    dtype = header.dtype if header.dtype in NATIVE_DTYPES else "float32"
     shape = (len(index), *sample.shape)
-    out.mkdir(parents=True, exist_ok=True)
-    partial = out / (TILES + ".partial")
+    shards = [(start, min(start + shard_tiles, len(index))) for start in range(0, len(index), shard_tiles)]
+    plan = {"fingerprint": key, "dtype": dtype, "shape": list(shape), "shards": shards, "nodata": header.nodata}
+    work = out / PROGRESS
+    done = _resume_or_start(out, work, plan)
+    todo = [s for s in shards if not (work / _marker(s)).is_file()]
+    job = _ShardJob(layout, str(out), index.sources, dtype, shape, header.nodata)
     try:
-        _write_tiles(layout, index.sources, partial, dtype, shape, sample, progress)
-    except BaseException:
-        partial.unlink(missing_ok=True)  # no half-written pack left behind
+        _run_shards(job, todo, num_workers, len(index), len(index) - sum(b - a for a, b in todo), progress)
+    except TileError:
+        shutil.rmtree(work, ignore_errors=True)  # the data must change: nothing to resume
+        for name in (TILES, STATS):
+            (out / (name + ".partial")).unlink(missing_ok=True)
         raise
-    (out / INDEX).unlink(missing_ok=True)  # a pack without its index is never read
-    os.replace(partial, out / TILES)
     record = {
         "version": PACK_VERSION,
         "fingerprint": key,
         "layout": layout_settings(layout),
-        "root": str(layout.root),
+        "root": str(Path(layout.root).resolve()),
         "band_names": layout.band_names,
+        "band_count": layout.band_count(header.count),
+        # the size as stored (BigEarthNet: resampled to the layout's grid), the rest as read
+        "header": {"count": header.count, "height": shape[2], "width": shape[3], "dtype": header.dtype,
+                   "nodata": header.nodata, "descriptions": list(header.descriptions)},
+        "nodata": header.nodata,
         "dtype": dtype,
         "shape": list(shape),
         "task": index.task,
         "class_names": index.class_names,
         "sources": [os.path.abspath(s) for s in index.sources],
-        "targets": index.targets.tolist(),
+        "stamps": source_stamps(index.sources),
         "splits": index.splits,
         "meta": index.meta,
     }
+    (out / INDEX).unlink(missing_ok=True)  # a pack without its index is never read
+    np.save(out / TARGETS, index.targets)
+    for name in (TILES, STATS):
+        os.replace(out / (name + ".partial"), out / name)
     tmp = out / (INDEX + ".partial")
     tmp.write_text(json.dumps(record, default=str))
     os.replace(tmp, out / INDEX)
-    return PackResult(out, len(index), shape, dtype, written=True)
+    shutil.rmtree(work)
+    return PackResult(out, len(index), shape, dtype, written=True, resumed=done)
 
 
-def _write_tiles(
-    layout: TileLayout,
-    sources: list[str],
-    path: Path,
-    dtype: str,
-    shape: tuple[int, ...],
-    first: np.ndarray,
+def _marker(shard: Sequence[int]) -> str:
+    return f"{shard[0]:010d}-{shard[1]:010d}.done"
+
+
+def _resume_or_start(out: Path, work: Path, plan: dict) -> int:
+    """Keep an interrupted run of the same plan (returns its finished shards), else start afresh."""
+    plan_file = work / "plan.json"
+    partials = [out / (TILES + ".partial"), out / (STATS + ".partial")]
+    if plan_file.is_file() and all(p.is_file() for p in partials):
+        try:
+            if json.loads(plan_file.read_text()) == json.loads(json.dumps(plan)):
+                finished = len(list(work.glob("*.done")))
+                log.info("resuming %s: %d of %d shards already packed", out, finished, len(plan["shards"]))
+                return finished
+        except (OSError, json.JSONDecodeError):
+            pass
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True)
+    np.lib.format.open_memmap(partials[0], mode="w+", dtype=plan["dtype"], shape=tuple(plan["shape"]))
+    stats_shape = (plan["shape"][0], 5, plan["shape"][1])
+    np.lib.format.open_memmap(partials[1], mode="w+", dtype="float64", shape=stats_shape)
+    (work / "plan.json").write_text(json.dumps(plan))
+    return 0
+
+
+@dataclass(frozen=True)
+class _ShardJob:
+    """What a packing process needs to write any shard (pickled once per process)."""
+
+    layout: TileLayout
+    out: str
+    sources: list[str]
+    dtype: str
+    shape: tuple[int, ...]
+    nodata: float | None
+
+    def __call__(self, shard: tuple[int, int]) -> tuple[int, tuple[str, str] | None]:
+        """Write rows ``shard[0]:shard[1]``; returns the row count and a bad tile's (path, problem)."""
+        out = Path(self.out)
+        tiles = np.load(out / (TILES + ".partial"), mmap_mode="r+")
+        stats = np.load(out / (STATS + ".partial"), mmap_mode="r+")
+        start, stop = shard
+        for row in range(start, stop):
+            source = self.sources[row]
+            try:
+                image = self.layout.read(source, None)
+                _check_tile(source, image, self.shape[1:])
+            except TileError as err:  # TileError does not pickle: send its parts
+                return 0, (err.path, err.problem)
+            tiles[row] = image
+            if not np.array_equal(tiles[row], image):
+                return 0, (source, f"values do not fit the pack's {self.dtype} (the first tile's dtype)")
+            stats[row] = tile_sums(image, self.nodata)
+        tiles.flush()
+        stats.flush()
+        del tiles, stats
+        marker = out / PROGRESS / _marker(shard)
+        marker.with_suffix(".tmp").write_text("")
+        os.replace(marker.with_suffix(".tmp"), marker)
+        return stop - start, None
+
+
+def _run_shards(
+    job: _ShardJob,
+    todo: list[tuple[int, int]],
+    num_workers: int,
+    total: int,
+    done: int,
     progress: Callable[[int, int], None] | None,
 ) -> None:
-    tiles = np.lib.format.open_memmap(path, mode="w+", dtype=dtype, shape=shape)
-    for i, source in enumerate(sources):
-        image = first if i == 0 else layout.read(source, None)
-        _check_tile(source, image, shape[1:])
-        tiles[i] = image
-        if not np.array_equal(tiles[i], image):
-            raise TileError(source, f"values do not fit the pack's {dtype} (the first tile's dtype)")
+    def finished(rows: int, bad: tuple[str, str] | None) -> None:
+        nonlocal done
+        if bad is not None:
+            raise TileError(*bad)
+        done += rows
         if progress is not None:
-            progress(i + 1, len(sources))
-    tiles.flush()
+            progress(done, total)
+
+    if num_workers <= 1:
+        for shard in todo:
+            finished(*job(shard))
+        return
+    # spawn: GDAL and the caller's threads do not survive a fork reliably
+    with ProcessPoolExecutor(num_workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+        futures = [pool.submit(job, shard) for shard in todo]
+        try:
+            for future in futures:
+                finished(*future.result())
+        except BaseException:
+            for future in futures:
+                future.cancel()
+            wait(futures, return_when=FIRST_EXCEPTION)
+            raise
+
+
+def tile_sums(image: np.ndarray, nodata: float | None) -> np.ndarray:
+    """One tile's ``[5, C]`` row of ``stats.npy`` (float64, nodata pixels left out)."""
+    raw = image.astype(np.float64)
+    logs = np.log1p(np.clip(raw, 0, None))
+    if nodata is None:
+        n = np.full(raw.shape[0], raw.shape[1] * raw.shape[2], np.float64)
+    else:
+        valid = ~np.isnan(image) if np.isnan(nodata) else image != np.float32(nodata)
+        n = valid.sum(axis=(1, 2)).astype(np.float64)
+        raw, logs = np.where(valid, raw, 0.0), np.where(valid, logs, 0.0)
+    return np.stack([n, raw.sum(axis=(1, 2)), (raw**2).sum(axis=(1, 2)), logs.sum(axis=(1, 2)), (logs**2).sum(axis=(1, 2))])
 
 
 def _check_tile(source: str, image: np.ndarray, shape: tuple[int, ...]) -> None:
@@ -159,35 +297,71 @@ def _check_tile(source: str, image: np.ndarray, shape: tuple[int, ...]) -> None:
         raise TileError(source, "contains NaN or infinite pixel values")
 
 
-def _read_index(path: Path) -> dict:
+def is_pack(path: Path) -> bool:
+    """A complete pack is there (its index is written last)."""
+    return all((path / name).is_file() for name in (INDEX, TILES, TARGETS, STATS))
+
+
+def read_record(path: Path) -> dict:
+    """``index.json`` of the pack at ``path``: one clear error if it is unreadable or too old."""
     try:
         record = json.loads((path / INDEX).read_text())
     except (OSError, json.JSONDecodeError, UnicodeDecodeError) as err:
         raise DatasetError(f"{path / INDEX}: unreadable pack index ({err})") from None
-    if record.get("version") != PACK_VERSION:
-        raise DatasetError(f"{path}: pack version {record.get('version')}, expected {PACK_VERSION}; rerun deforest-pack")
+    if not isinstance(record, dict) or record.get("version") != PACK_VERSION:
+        version = record.get("version") if isinstance(record, dict) else None
+        raise DatasetError(f"{path}: pack version {version}, expected {PACK_VERSION}; rerun deforest-pack")
     return record
 
 
-class PackedLayout(TileLayout):
-    """Serves a pack in place of ``source`` (the layout it was packed from).
+def check_pack(layout: TileLayout, path: str | os.PathLike) -> None:
+    """Raise :class:`DatasetError` when the pack at ``path`` no longer matches ``layout``'s
+    sources (new, removed or modified files, other labels or settings): ``check=true``."""
+    path = Path(path).expanduser()
+    packed = PackedLayout(path, check=False)
+    current = layout.build_index()
+    if fingerprint(layout, current) != packed.record["fingerprint"]:
+        changed = _first_difference([os.path.abspath(s) for s in current.sources], packed.record["sources"])
+        raise DatasetError(
+            f"data.packed={path} is stale: the files under {layout.root} or the layout settings "
+            f"changed since packing ({changed}); rerun deforest-pack"
+        )
 
-    :meth:`build_index` refuses a stale pack: when the source files or the layout settings
-    differ from those packed, training on it would silently use old data.
+
+def open_pack(path: str | os.PathLike, cache_dir: str | os.PathLike | None = None) -> PackedLayout:
+    """The pack at a local folder, or at an object-store URL (``s3://...``, the ``stream`` extra)."""
+    if "://" in str(path):
+        from deforest.stream import RemotePack  # zarr and s3fs only when used
+
+        return RemotePack(str(path), cache_dir)
+    return PackedLayout(path)
+
+
+class PackedLayout(TileLayout):
+    """Serves a pack through the :class:`~deforest.datasets.TileLayout` interface, from the
+    pack alone: index, labels, header and band statistics come from its files.
+
+    ``check``: ``True`` stats the recorded sources when they exist and there are at most
+    :data:`AUTO_CHECK_SOURCES` of them, and refuses a pack whose sources changed since packing
+    (a full check, new files included, is ``deforest-pack ... check=true``).
     """
 
-    def __init__(self, path: str | os.PathLike, source: TileLayout) -> None:
+    def __init__(self, path: str | os.PathLike, check: bool = True) -> None:
         self.path = Path(path).expanduser()
-        if not (self.path / INDEX).is_file() or not (self.path / TILES).is_file():
+        if not self._present():
             raise DatasetError(f"data.packed={self.path}: no pack there (run deforest-pack first)")
-        self.source = source
-        self.root = source.root
-        self.band_names = source.band_names
-        self.record = _read_index(self.path)
+        self.record = read_record(self.path)
+        self.root = Path(self.record["root"])
+        self.band_names = self.record["band_names"]
         self._tiles: np.ndarray | None = None
         if list(self.tiles.shape) != self.record["shape"]:
             raise DatasetError(f"{self.path / TILES}: shape {list(self.tiles.shape)} does not match its index")
         self.rows = {source: row for row, source in enumerate(self.record["sources"])}
+        if check:
+            self._check_stamps()
+
+    def _present(self) -> bool:
+        return is_pack(self.path)
 
     @property
     def tiles(self) -> np.ndarray:
@@ -196,31 +370,77 @@ class PackedLayout(TileLayout):
             self._tiles = np.load(self.path / TILES, mmap_mode="r")
         return self._tiles
 
+    @property
+    def header(self) -> RasterHeader:
+        """The packed sources' header (band count, size, dtype, nodata)."""
+        h = self.record["header"]
+        return RasterHeader(h["count"], h["height"], h["width"], h["dtype"], h["nodata"], tuple(h["descriptions"]))
+
     def __getstate__(self) -> dict:
         # spawned DataLoader workers map the file themselves instead of unpickling a copy
         return {**self.__dict__, "_tiles": None}
 
+    def _check_stamps(self) -> None:
+        sources = self.record["sources"]
+        if not self.root.is_dir() or len(sources) > AUTO_CHECK_SOURCES:
+            log.info("%s: sources not checked (%s); deforest-pack ... check=true checks them", self.path,
+                     "not present" if not self.root.is_dir() else f"{len(sources)} sources")
+            return
+        for source, stamp in zip(sources, self.record["stamps"]):
+            try:
+                now = source_stamps([source])[0]
+            except (FileNotFoundError, ValueError):
+                now = None
+            if now != stamp:
+                what = "gone" if now is None else "modified"
+                raise DatasetError(
+                    f"data.packed={self.path} is stale: {source} is {what} since packing; rerun deforest-pack"
+                )
+
     def build_index(self) -> TileIndex:
-        current = self.source.build_index()
-        if fingerprint(self.source, current) != self.record["fingerprint"]:
-            changed = _first_difference([os.path.abspath(s) for s in current.sources], self.record["sources"])
-            raise DatasetError(
-                f"data.packed={self.path} is stale: the files under {self.root} or the layout settings "
-                f"changed since packing ({changed}); rerun deforest-pack"
-            )
-        return current
+        r = self.record
+        targets = np.load(self.path / TARGETS)
+        return TileIndex(r["task"], r["class_names"], list(r["sources"]), targets, list(r["splits"]), dict(r["meta"]))
+
+    def rows_of(self, sources: Sequence[str]) -> np.ndarray:
+        """Pack rows of ``sources`` (as the index lists them)."""
+        return np.asarray([self.rows[s] for s in sources], dtype=np.int64)
+
+    def band_sums(self, sources: Sequence[str], bands: Sequence[int], log_scale: bool) -> np.ndarray:
+        """``[len(sources), 3, len(bands)]``: valid count, sum and sum of squares per tile and band."""
+        stats = np.load(self.path / STATS, mmap_mode="r")
+        columns = [N_VALID, LOG_SUM, LOG_SUM_SQ] if log_scale else [N_VALID, SUM, SUM_SQ]
+        rows = stats[self.rows_of(sources)]
+        return rows[:, columns][:, :, np.asarray(bands) - 1]
+
+    def gather(self, sources: Sequence[str], indices: Sequence[int], bands: Sequence[int], targets: np.ndarray) -> dict:
+        """The batch of ``sources[indices]`` in one gather from the memory map, in the stored
+        dtype; in a DataLoader worker it is written straight into shared memory (no extra copy
+        on its way to the main process)."""
+        rows = self.rows_of([sources[i] for i in indices])
+        tiles = self.tiles
+        channels = np.asarray(bands) - 1
+        image = torch.empty((len(rows), len(channels), *tiles.shape[2:]), dtype=_TORCH_DTYPES[tiles.dtype.name])
+        if torch.utils.data.get_worker_info() is not None:
+            image.share_memory_()
+        if len(channels) == tiles.shape[1] and (channels == np.arange(tiles.shape[1])).all():
+            np.take(tiles, rows, axis=0, out=image.numpy())
+        else:
+            image.numpy()[:] = tiles[rows][:, channels]
+        indices = torch.as_tensor(list(indices), dtype=torch.long)
+        return {"image": image, "target": torch.from_numpy(targets[indices.numpy()]), "index": indices, "bad": []}
 
     def read(self, source: str, bands: Sequence[int] | None) -> np.ndarray:
-        tile = self.tiles[self.rows[os.path.abspath(source)]]
+        tile = self.tiles[self.rows[source]]
         if bands is not None and list(bands) != list(range(1, tile.shape[0] + 1)):
             tile = tile[np.asarray(bands) - 1]
         return tile.astype(np.float32)
 
     def header_source(self, source: str) -> str:
-        return self.source.header_source(source)
+        return source
 
     def band_count(self, header_count: int) -> int:
-        return self.source.band_count(header_count)
+        return int(self.record["band_count"])
 
 
 def _first_difference(now: list[str], packed: list[str]) -> str:

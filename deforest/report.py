@@ -29,7 +29,7 @@ from torchmetrics.functional.classification import multiclass_average_precision,
 from deforest.contract import InputSpec
 from deforest.datamodule import TileDataModule
 from deforest.datasets import MULTICLASS, MULTILABEL
-from deforest.io import TileError, read_header
+from deforest.io import TileError
 from deforest.metrics import compute_metrics, decide, flatten_metrics
 from deforest.module import TileClassifier
 from deforest.plots import (
@@ -164,7 +164,7 @@ def report_on_split(
         return {}
     spec = model.input_spec
     dataset, layout = datamodule.datasets[split], datamodule.layout
-    count = read_header(layout.header_source(dataset.sources[0])).count
+    count = datamodule.source_band_count
     bands = rgb_bands(options.get("rgb_bands"), layout.band_names, count)
     for logger in loggers:
         if isinstance(logger, CSVLogger) and csv_log is None:

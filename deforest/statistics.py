@@ -79,6 +79,12 @@ def measure_band_statistics(
         total += image.sum(axis=(1, 2))
         total_sq += (image**2).sum(axis=(1, 2))
         n += valid.sum(axis=(1, 2)) if valid is not None else image.shape[1] * image.shape[2]
+    return moments(n, total, total_sq)
+
+
+def moments(n: np.ndarray, total: np.ndarray, total_sq: np.ndarray) -> tuple[list[float], list[float]]:
+    """Per-band mean/std from valid-pixel counts, sums and sums of squares (a pack stores
+    these per tile, so its statistics need no pixel pass)."""
     n = np.maximum(n, 1)
     mean = total / n
     std = np.sqrt(np.maximum(total_sq / n - mean**2, 0.0))

@@ -14,6 +14,7 @@ REPO = Path(__file__).resolve().parents[1]
 NAMES = {
     "loader_vs_torchgeo", "loader_vs_rasterio", "packed_vs_torchgeo", "packed_vs_memcpy",
     "weighting_step_overhead", "predict_vs_forward", "predict_rss_8192_vs_2048",
+    "stream_vs_packed", "index_s_per_1k_patches", "pack_second_start_s",
 }
 
 

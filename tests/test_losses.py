@@ -206,3 +206,18 @@ def test_no_host_sync_on_cuda():
                 loss.backward()
     finally:
         torch.cuda.set_sync_debug_mode("default")
+
+
+@pytest.mark.parametrize("task", ["multiclass", "multilabel"])
+def test_weighted_loss_is_float32_under_bf16_autocast(task):
+    g = torch.Generator().manual_seed(0)
+    layer = torch.nn.Linear(8, 5)
+    x = torch.randn(32, 8, generator=g)
+    y = torch.randint(0, 5, (32,), generator=g) if task == "multiclass" else (torch.rand(32, 5, generator=g) > 0.6).float()
+    loss_fn = DynamicWeightedLoss(task, 5, scheme="inverse_count")
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        logits = layer(x)
+        loss = loss_fn(logits, y)
+    assert logits.dtype == torch.bfloat16 and loss.dtype == torch.float32
+    expected = DynamicWeightedLoss(task, 5, scheme="inverse_count")(logits.detach().float(), y)
+    torch.testing.assert_close(loss.detach(), expected, rtol=0, atol=0)

@@ -48,13 +48,18 @@ def train(cfg: DictConfig) -> dict[str, float]:
         metrics.update({k: float(v) for k, v in results[0].items()})
         metrics["best_checkpoint"] = best
         if trainer.is_global_zero and cfg.report.enabled:
-            details = [f"checkpoint: `{best or 'final weights (no checkpoint)'}`", f"data: `{cfg.data.root}`"]
+            details = [f"checkpoint: `{best or 'final weights (no checkpoint)'}`", f"data: `{_data_source(cfg)}`"]
             tested_epoch = checkpoint_epoch(best) if best else trainer.current_epoch - 1
             metrics.update(report_on_split(model, datamodule, "test", output_dir, cfg.report, trainer.loggers,
                                            details, tested_epoch=tested_epoch))
     if trainer.is_global_zero:
         _write_records(output_dir, metrics, cfg, datamodule, model)
     return metrics
+
+
+def _data_source(cfg: DictConfig) -> str:
+    """What the run trained on: the pack when there is one, else the data root."""
+    return str(cfg.data.get("packed") or cfg.data.root)
 
 
 def resume_path(ckpt_path: str | None, output_dir: Path) -> str | None:
@@ -95,7 +100,7 @@ def _write_records(
     lines = [
         "# deforest run summary",
         "",
-        f"- data: `{cfg.data.root}` ({dm.task}, {len(dm.class_names)} classes, "
+        f"- data: `{_data_source(cfg)}` ({dm.task}, {len(dm.class_names)} classes, "
         f"tiles {dm.tile_size[0]}x{dm.tile_size[1]})",
         *band_lines(model.spec, model.band_statistics is not None),
         f"- splits: " + ", ".join(f"{s} {len(d)}" for s, d in dm.datasets.items())
