@@ -21,8 +21,9 @@ GROUP = ["loss.scheme", "loss.normalize"]
 
 
 def _job_settings(run_dir: Path) -> dict[str, str]:
-    cfg = OmegaConf.load(run_dir / ".hydra" / "config.yaml")
-    return {"loss.scheme": str(cfg.loss.scheme), "loss.normalize": str(cfg.loss.normalize)}
+    # a run directory is data: its interpolations (${oc.env:...}) are shown as written, never resolved
+    loss = OmegaConf.to_container(OmegaConf.load(run_dir / ".hydra" / "config.yaml"), resolve=False)["loss"]
+    return {"loss.scheme": str(loss["scheme"]), "loss.normalize": str(loss["normalize"])}
 
 
 def rarest_classes(run_dir: Path, k: int) -> list[str]:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 import albumentations as A
@@ -22,6 +22,7 @@ from torch.utils.data import DataLoader, Dataset
 from deforest.datasets import MULTICLASS, SPLITS, DatasetError, TileIndex, TileLayout, describe_split_counts
 from deforest.io import RasterHeader, TileError, file_fingerprint, read_header, resolve_bands
 from deforest.pack import PackedLayout
+from deforest.safety import atomic_write_text
 from deforest.splits import assign_splits, spatial_blocks
 from deforest.transforms import build_augmentation, random_d4
 from deforest.validation import (
@@ -37,7 +38,8 @@ from deforest.validation import (
 
 log = logging.getLogger(__name__)
 
-STATS_VERSION = 2
+# 3: per-tile nodata, dtype and pixel-size header checks
+STATS_VERSION = 3
 # headers read to decide the dataset's band count and tile size (the commonest wins)
 REFERENCE_SAMPLE = 32
 
@@ -71,9 +73,16 @@ class TileDataset(Dataset):
         return len(self.sources)
 
     def read_valid(self, i: int) -> tuple[np.ndarray, np.ndarray | None]:
-        """Float32 ``[C, H, W]`` and its valid-pixel mask; NaN/inf or all-nodata raise TileError."""
-        image = self.layout.read(self.sources[i], self.bands)
-        valid = valid_pixels(image, self.nodata)
+        """Float32 ``[C, H, W]`` and its valid-pixel mask; NaN/inf or all-nodata raise TileError.
+
+        The mask follows the tile's own nodata (its header or ``.aux.xml``), unless this
+        dataset was given one ``nodata`` value for every tile.
+        """
+        if self.nodata is None:
+            image, nodata = self.layout.read_with_nodata(self.sources[i], self.bands)
+        else:
+            image, nodata = self.layout.read(self.sources[i], self.bands), self.nodata
+        valid = valid_pixels(image, nodata)
         check_pixels(self.sources[i], image, valid)
         return image, valid
 
@@ -214,7 +223,7 @@ class TileDataModule(pl.LightningDataModule):
         if len(index) == 0:
             raise DatasetError(f"{self.layout.root}: no tiles found")
         first = self._reference_header(index)
-        self.nodata = first.nodata
+        self.nodata = first.nodata  # the reference tile's; every tile is read with its own
         self.source_band_count = self.layout.band_count(first.count)
         try:
             self.bands = resolve_bands(self.band_selection, self.layout.band_names, self.source_band_count)
@@ -251,8 +260,7 @@ class TileDataModule(pl.LightningDataModule):
                 index.targets[rows],
                 self.bands,
                 augment if split == "train" else None,
-                nodata=self.nodata,
-                fill=fill,
+                fill=fill,  # nodata: each tile's own
             )
         counts = {s: len(d) for s, d in self.datasets.items()}
         log.info("%d tiles, %d classes, bands %s, splits %s", len(index), index.num_classes, self.bands, counts)
@@ -319,7 +327,7 @@ class TileDataModule(pl.LightningDataModule):
         size = (first.height, first.width)
         if self.validate == "off" or isinstance(self.layout, PackedLayout):  # packing checked them
             return size
-        cached = self._cache_load("headers")
+        cached = self._cache_load("headers", _valid_headers_cache)
         if cached is None:
             bad = {}
             for source in self._index().sources:
@@ -337,7 +345,7 @@ class TileDataModule(pl.LightningDataModule):
     def _validate_pixels(self) -> None:
         """Read every pixel once (``validate=full``): unreadable, NaN/inf or all-nodata tiles are bad."""
         index = self._index()
-        probe = TileDataset(self.layout, index.sources, index.targets, self.bands, nodata=self.nodata)
+        probe = TileDataset(self.layout, index.sources, index.targets, self.bands)
         for i, source in enumerate(probe.sources):
             if source not in self.bad_tiles.problems:
                 try:
@@ -347,7 +355,7 @@ class TileDataModule(pl.LightningDataModule):
 
     def _band_statistics(self) -> tuple[list[float], list[float]]:
         """Per-band mean/std of the valid pixels of (a seeded sample of) the training split, cached as JSON."""
-        cached = self._cache_load("stats")
+        cached = self._cache_load("stats", lambda value: _valid_stats_cache(value, self.num_bands))
         if cached is not None:
             return cached["mean"], cached["std"]
         rows = [i for i, a in enumerate(self.assignment) if a == "train"]
@@ -358,7 +366,7 @@ class TileDataModule(pl.LightningDataModule):
         if len(rows) > self.stats_max_samples:
             rows = sorted(rng.choice(rows, self.stats_max_samples, replace=False).tolist())
         index = self._index()
-        reader = TileDataset(self.layout, [index.sources[i] for i in rows], index.targets[rows], self.bands, nodata=self.nodata)
+        reader = TileDataset(self.layout, [index.sources[i] for i in rows], index.targets[rows], self.bands)
         total = np.zeros(self.num_bands)
         total_sq = np.zeros(self.num_bands)
         n = np.zeros(self.num_bands)
@@ -400,25 +408,30 @@ class TileDataModule(pl.LightningDataModule):
         }
         return hashlib.sha256(json.dumps(payload).encode()).hexdigest()[:24]
 
-    def _cache_load(self, kind: str) -> dict | None:
+    def _cache_load(self, kind: str, check: Callable[[object], str | None]) -> dict | None:
+        """The cached value, or None to recompute: when there is none, and (with a warning naming
+        the file) when it is unreadable or ``check`` finds it malformed (then it is rewritten)."""
         if self.cache_dir is None:
             return None
         path = self.cache_dir / f"{kind}-{self._cache_key(kind)}.json"
         if not path.is_file():
             return None
         try:
-            return json.loads(path.read_text())
-        except json.JSONDecodeError:
-            return None
+            value = json.loads(path.read_text(encoding="utf-8"))
+            problem = check(value)
+        except (OSError, UnicodeDecodeError, ValueError) as err:  # JSONDecodeError is a ValueError
+            problem = f"{type(err).__name__}: {str(err).splitlines()[0][:200] if str(err) else ''}"
+        if problem is None:
+            return value
+        log.warning("%s cache %s is corrupt (%s): recomputing it", kind, path, problem)
+        return None
 
     def _cache_store(self, kind: str, value: dict) -> None:
+        """Write through a unique temporary file: DDP ranks and parallel jobs computing the same
+        entry at once never interleave their writes (the last complete one wins)."""
         if self.cache_dir is None:
             return
-        self.cache_dir.mkdir(parents=True, exist_ok=True)
-        path = self.cache_dir / f"{kind}-{self._cache_key(kind)}.json"
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(value))
-        tmp.replace(path)
+        atomic_write_text(self.cache_dir / f"{kind}-{self._cache_key(kind)}.json", json.dumps(value))
 
     # ---- loaders ------------------------------------------------------------------------
     def split_counts(self) -> dict[str, dict[str, int]]:
@@ -459,6 +472,33 @@ class TileDataModule(pl.LightningDataModule):
 
     def test_dataloader(self) -> DataLoader:
         return self._loader("test", shuffle=False)
+
+
+def _valid_stats_cache(value: object, bands: int) -> str | None:
+    """What is wrong with a cached statistics entry (None: nothing)."""
+    if not isinstance(value, dict) or not {"mean", "std"} <= set(value):
+        return "no mean/std entries"
+    for key in ("mean", "std"):
+        numbers = value[key]
+        if not isinstance(numbers, list) or len(numbers) != bands:
+            return f"{key} is not a list of {bands} numbers"
+        if not all(isinstance(v, (int, float)) and not isinstance(v, bool) and np.isfinite(v) for v in numbers):
+            return f"{key} holds a value that is not a finite number"
+    if not all(v > 0 for v in value["std"]):
+        return "std holds a value <= 0"
+    return None
+
+
+def _valid_headers_cache(value: object) -> str | None:
+    """What is wrong with a cached header-check entry (None: nothing)."""
+    if not isinstance(value, dict) or not isinstance(value.get("bad"), dict):
+        return "no 'bad' table"
+    size = value.get("tile_size")
+    if not (isinstance(size, list) and len(size) == 2 and all(isinstance(v, int) and v > 0 for v in size)):
+        return "tile_size is not two positive integers"
+    if not all(isinstance(v, list) and len(v) == 2 and all(isinstance(x, str) for x in v) for v in value["bad"].values()):
+        return "a 'bad' entry is not [path, problem]"
+    return None
 
 
 def _seed_worker(worker_id: int) -> None:

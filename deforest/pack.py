@@ -10,11 +10,14 @@ interface, so the datamodule splits, augments and normalises exactly as with the
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import logging
+import math
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,11 +25,15 @@ import numpy as np
 
 from deforest.datasets import DatasetError, TileIndex, TileLayout
 from deforest.io import TileError, file_fingerprint, read_header
+from deforest.safety import atomic_write_text, temp_prefix
 
 log = logging.getLogger(__name__)
 
-PACK_VERSION = 1
-TILES, INDEX = "tiles.npy", "index.json"
+# 2: each tile's own nodata values in the index; dtype and pixel-size checks while packing
+PACK_VERSION = 2
+TILES, INDEX, LOCK = "tiles.npy", "index.json", ".pack.lock"
+#: headers read to decide the dataset's dtype and pixel size, as the datamodule does
+REFERENCE_SAMPLE = 32
 #: source dtypes stored as they are; float32 holds these exactly, so reading back is lossless
 NATIVE_DTYPES = frozenset({"uint8", "int8", "uint16", "int16"})
 
@@ -92,19 +99,48 @@ def pack_dataset(
     if len(index) == 0:
         raise DatasetError(f"{layout.root}: no tiles found")
     key = fingerprint(layout, index)
+    out.mkdir(parents=True, exist_ok=True)
+    with _pack_lock(out):  # a second packer of the same folder waits, then finds the pack up to date
+        return _pack_locked(layout, index, key, out, progress)
+
+
+@contextmanager
+def _pack_lock(out: Path) -> Iterator[None]:
+    """One packer per pack folder at a time (parallel jobs packing one dataset)."""
+    fd = os.open(out / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            log.info("%s: another deforest-pack is writing this pack; waiting for it", out)
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        except OSError:  # no flock on this file system: the unique temporary names still keep writes apart
+            pass
+        yield
+    finally:
+        os.close(fd)
+
+
+def _pack_locked(
+    layout: TileLayout, index: TileIndex, key: str, out: Path, progress: Callable[[int, int], None] | None
+) -> PackResult:
     existing = _read_index(out) if (out / INDEX).is_file() and (out / TILES).is_file() else None
     if existing is not None and existing.get("fingerprint") == key:
         shape = tuple(existing["shape"])
         return PackResult(out, shape[0], shape, existing["dtype"], written=False)
 
-    first = read_header(layout.header_source(index.sources[0]))
-    sample = layout.read(index.sources[0], None)
-    dtype = first.dtype if first.dtype in NATIVE_DTYPES else "float32"
+    from deforest.validation import reference_header
+
+    headers = [read_header(layout.header_source(s)) for s in index.sources[:REFERENCE_SAMPLE]]
+    reference = reference_header(headers)
+    sample, nodata = layout.read_with_nodata(index.sources[0], None)
+    dtype = reference.dtype if reference.dtype in NATIVE_DTYPES else "float32"
     shape = (len(index), *sample.shape)
-    out.mkdir(parents=True, exist_ok=True)
-    partial = out / (TILES + ".partial")
+    for stale in out.glob(f".{TILES}.*.partial"):  # left by a packer that was killed (we hold the lock)
+        stale.unlink(missing_ok=True)
+    partial = out / f"{temp_prefix(out / TILES)}partial"
     try:
-        _write_tiles(layout, index.sources, partial, dtype, shape, sample, progress)
+        nodata_values = _write_tiles(layout, index.sources, partial, dtype, shape, (sample, nodata), reference, progress)
     except BaseException:
         partial.unlink(missing_ok=True)  # no half-written pack left behind
         raise
@@ -124,11 +160,15 @@ def pack_dataset(
         "targets": index.targets.tolist(),
         "splits": index.splits,
         "meta": index.meta,
+        # each tile's own nodata, per band (NaN written as the string "nan": JSON has no NaN)
+        "nodata": nodata_values,
     }
-    tmp = out / (INDEX + ".partial")
-    tmp.write_text(json.dumps(record, default=str))
-    os.replace(tmp, out / INDEX)
+    atomic_write_text(out / INDEX, json.dumps(record, default=str))
     return PackResult(out, len(index), shape, dtype, written=True)
+
+
+def _json_nodata(values: Sequence[float | None]) -> list[float | str | None]:
+    return [None if v is None else "nan" if math.isnan(v) else float(v) for v in values]
 
 
 def _write_tiles(
@@ -137,25 +177,35 @@ def _write_tiles(
     path: Path,
     dtype: str,
     shape: tuple[int, ...],
-    first: np.ndarray,
+    first: tuple[np.ndarray, list[float | None]],
+    reference,
     progress: Callable[[int, int], None] | None,
-) -> None:
+) -> list[list[float | str | None]]:
+    """Write every tile into ``path``; returns each tile's nodata values (JSON-ready)."""
+    from deforest.validation import check_header, valid_pixels
+
     tiles = np.lib.format.open_memmap(path, mode="w+", dtype=dtype, shape=shape)
+    nodata_values = []
     for i, source in enumerate(sources):
-        image = first if i == 0 else layout.read(source, None)
-        _check_tile(source, image, shape[1:])
+        header_file = layout.header_source(source)
+        check_header(header_file, read_header(header_file), reference)  # the datamodule's checks
+        image, nodata = first if i == 0 else layout.read_with_nodata(source, None)
+        _check_tile(source, image, shape[1:], valid_pixels(image, nodata))
         tiles[i] = image
-        if not np.array_equal(tiles[i], image):
-            raise TileError(source, f"values do not fit the pack's {dtype} (the first tile's dtype)")
+        if not np.array_equal(tiles[i], image, equal_nan=True):
+            raise TileError(source, f"values do not fit the pack's {dtype} (the dataset's dtype)")
+        nodata_values.append(_json_nodata(nodata))
         if progress is not None:
             progress(i + 1, len(sources))
     tiles.flush()
+    return nodata_values
 
 
-def _check_tile(source: str, image: np.ndarray, shape: tuple[int, ...]) -> None:
+def _check_tile(source: str, image: np.ndarray, shape: tuple[int, ...], valid: np.ndarray | None) -> None:
     if image.shape != shape:
         raise TileError(source, f"has shape {list(image.shape)}, the dataset's tiles are {list(shape)} (bands, rows, cols)")
-    if not np.isfinite(image).all():
+    finite = np.isfinite(image) if valid is None else np.isfinite(image) | ~valid
+    if not finite.all():
         raise TileError(source, "contains NaN or infinite pixel values")
 
 
@@ -193,7 +243,13 @@ class PackedLayout(TileLayout):
     def tiles(self) -> np.ndarray:
         """The memory-mapped ``[N, C, H, W]`` array, opened once per process."""
         if self._tiles is None:
-            self._tiles = np.load(self.path / TILES, mmap_mode="r")
+            try:  # allow_pickle stays False: an object array is refused, never unpickled
+                tiles = np.load(self.path / TILES, mmap_mode="r", allow_pickle=False)
+            except (OSError, ValueError) as err:
+                raise DatasetError(f"{self.path / TILES}: not a pack array ({str(err).splitlines()[0][:200]})") from None
+            if tiles.dtype.kind not in "uif" or tiles.ndim != 4:
+                raise DatasetError(f"{self.path / TILES}: not a pack array (dtype {tiles.dtype}, {tiles.ndim} dimensions)")
+            self._tiles = tiles
         return self._tiles
 
     def __getstate__(self) -> dict:
@@ -215,6 +271,13 @@ class PackedLayout(TileLayout):
         if bands is not None and list(bands) != list(range(1, tile.shape[0] + 1)):
             tile = tile[np.asarray(bands) - 1]
         return tile.astype(np.float32)
+
+    def read_with_nodata(self, source: str, bands: Sequence[int] | None) -> tuple[np.ndarray, list[float | None]]:
+        """The packed tile and the nodata values its source file declared when it was packed."""
+        row = self.rows[os.path.abspath(source)]
+        values = [None if v is None else float(v) for v in self.record["nodata"][row]]
+        chosen = list(bands) if bands is not None else list(range(1, len(values) + 1))
+        return self.read(source, bands), [values[b - 1] for b in chosen]
 
     def header_source(self, source: str) -> str:
         return self.source.header_source(source)

@@ -13,14 +13,17 @@ from typing import Any
 
 import hydra
 import numpy as np
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf
 
 from deforest.cli.errors import exit_on_user_error
 from deforest.cli.train import CONFIG_PATH, build_datamodule, build_trainer
+from deforest.config_checks import EVAL_CHOICES, EVAL_RULES, check_ranges
 from deforest.datamodule import TileDataModule
-from deforest.datasets import MULTICLASS, SPLITS, DatasetError
+from deforest.datasets import MULTICLASS, DatasetError
 from deforest.module import TileClassifier
 from deforest.report import report_on_split
+from deforest.safety import RunInterrupted, run_dir_lock
 from deforest.validation import nodata_fill
 
 log = logging.getLogger(__name__)
@@ -28,11 +31,9 @@ log = logging.getLogger(__name__)
 
 def evaluate(cfg: DictConfig) -> dict[str, Any]:
     """Test ``cfg.ckpt_path`` on ``cfg.split`` of ``cfg.data``; write ``metrics.json`` and the report."""
-    if cfg.split not in SPLITS:
-        raise ValueError(f"split must be one of {SPLITS}, not {cfg.split!r}")
+    check_ranges(cfg, EVAL_RULES, EVAL_CHOICES)
     ckpt = Path(cfg.ckpt_path).expanduser()
-    if not ckpt.is_file():
-        raise FileNotFoundError(f"ckpt_path {ckpt} does not exist")
+    # weights and plain settings only: compile and other code-execution settings never come from the file
     model = TileClassifier.load_from_checkpoint(ckpt, map_location="cpu")
     datamodule = build_datamodule(OmegaConf.merge(cfg.data, {"bands": list(model.hparams.bands)}))
     datamodule.setup("test")
@@ -42,7 +43,10 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     trainer = build_trainer(cfg)
     # the datamodule's own loader settings (collation of skipped bad tiles included), unshuffled
     loader = datamodule._loader(cfg.split, shuffle=False)
-    results = trainer.test(model, dataloaders=loader, verbose=False)
+    try:
+        results = trainer.test(model, dataloaders=loader, verbose=False)
+    except SIGTERMException:  # Lightning's, a SystemExit with status 0: the evaluation would look finished
+        raise RunInterrupted("stopped by SIGTERM while evaluating; no metrics written: run deforest-eval again") from None
     output_dir = Path(cfg.paths.output_dir)
     metrics: dict[str, Any] = {"checkpoint": str(ckpt), "data_root": str(cfg.data.root), "split": cfg.split}
     metrics[f"{cfg.split}/loss"] = float(results[0]["test/loss"])
@@ -89,7 +93,7 @@ def align_classes(datamodule: TileDataModule, split: str, model: TileClassifier)
 
 @hydra.main(version_base="1.3", config_path=CONFIG_PATH, config_name="eval")
 def main(cfg: DictConfig) -> None:
-    with exit_on_user_error():
+    with exit_on_user_error(), run_dir_lock(cfg.paths.output_dir):
         evaluate(cfg)
 
 
