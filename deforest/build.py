@@ -17,6 +17,7 @@ import lightning.pytorch as pl
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
 
+from deforest.callbacks import SaveOnSigterm
 from deforest.contract import InputSpec, Normalization
 from deforest.cpu import use_onednn, use_threads
 from deforest.datamodule import TileDataModule
@@ -157,7 +158,7 @@ def build_trainer(cfg: DictConfig) -> pl.Trainer:
     finetuning = [BackboneFinetuning(unfreeze_at)] if unfreeze_at is not None else []
     return instantiate(
         options,
-        callbacks=instantiate_group(cfg.get("callbacks")) + finetuning + progress,
+        callbacks=instantiate_group(cfg.get("callbacks")) + finetuning + progress + [SaveOnSigterm()],
         logger=instantiate_group(cfg.get("logger")),
         enable_progress_bar=show_bar,
     )

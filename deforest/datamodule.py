@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import replace
+from pathlib import Path
 
 import albumentations as A
 import lightning.pytorch as pl
@@ -79,9 +80,16 @@ class TileDataset(Dataset):
         return len(self.sources)
 
     def read_valid(self, i: int) -> tuple[np.ndarray, np.ndarray | None]:
-        """Float32 ``[C, H, W]`` and its valid-pixel mask; NaN/inf or all-nodata raise TileError."""
-        image = self.layout.read(self.sources[i], self.bands)
-        valid = valid_pixels(image, self.nodata)
+        """Float32 ``[C, H, W]`` and its valid-pixel mask; NaN/inf or all-nodata raise TileError.
+
+        The mask follows the tile's own nodata (its header or ``.aux.xml``), unless this
+        dataset was given one ``nodata`` value for every tile.
+        """
+        if self.nodata is None:
+            image, nodata = self.layout.read_with_nodata(self.sources[i], self.bands)
+        else:
+            image, nodata = self.layout.read(self.sources[i], self.bands), self.nodata
+        valid = valid_pixels(image, nodata)
         check_pixels(self.sources[i], image, valid)
         return image, valid
 
@@ -270,7 +278,7 @@ class TileDataModule(pl.LightningDataModule):
         if self.reference is not None and index.task != self.reference.task:
             raise DatasetError(f"{self.layout.root}: the data is {index.task}, the checkpoint {self.reference.task}")
         first = self.reference_header = self._reference_header(index)
-        self.nodata = first.nodata
+        self.nodata = first.nodata  # the reference tile's; every file tile is read with its own
         self.source_band_count = self.layout.band_count(first.count)
         self.bands = self._resolve_bands()
         index, assignment = self._split(index)
@@ -302,8 +310,7 @@ class TileDataModule(pl.LightningDataModule):
                 index.targets[rows],
                 self.bands,
                 augment if split == "train" else None,
-                nodata=self.nodata,
-                fill=self.input_spec.fill,
+                fill=self.input_spec.fill,  # nodata: each tile's own
             )
         counts = {s: len(d) for s, d in self.datasets.items()}
         log.info("%d tiles, %d classes, bands %s, splits %s", len(index), index.num_classes, self.bands, counts)
@@ -449,7 +456,7 @@ class TileDataModule(pl.LightningDataModule):
         if self.validate == "off" or isinstance(self.layout, PackedLayout):  # packing checked them
             return size
         key = self._cache_key("headers")
-        cached = self.cache.load("headers", key)
+        cached = self.cache.load("headers", key, _valid_headers_cache)
         if cached is None:
             bad = {}
             for source in self._index().sources:
@@ -467,7 +474,7 @@ class TileDataModule(pl.LightningDataModule):
     def _validate_pixels(self) -> None:
         """Read every pixel once (``validate=full``): unreadable, NaN/inf or all-nodata tiles are bad."""
         index = self._index()
-        probe = TileDataset(self.layout, index.sources, index.targets, self.bands, nodata=self.nodata)
+        probe = TileDataset(self.layout, index.sources, index.targets, self.bands)
         for i, source in enumerate(probe.sources):
             if source not in self.bad_tiles.problems:
                 try:
@@ -490,9 +497,9 @@ class TileDataModule(pl.LightningDataModule):
             mean, std = moments(*sums)
             return Normalization(mean, std, transform=transform)
         key = self._cache_key("stats")
-        cached = self.cache.load("stats", key)
+        cached = self.cache.load("stats", key, lambda value: _valid_stats_cache(value, self.num_bands))
         if cached is None:
-            reader = TileDataset(self.layout, [index.sources[i] for i in rows], index.targets[rows], self.bands, nodata=self.nodata)
+            reader = TileDataset(self.layout, [index.sources[i] for i in rows], index.targets[rows], self.bands)
             mean, std = measure_band_statistics(
                 reader.read_valid, len(reader), self.num_bands, self.log_scale,
                 lambda err, i: self.bad_tiles.add(err, reader.sources[i]),
@@ -571,6 +578,33 @@ class TileDataModule(pl.LightningDataModule):
 
     def test_dataloader(self) -> DataLoader:
         return self._loader(self.test_split, shuffle=False)
+
+
+def _valid_stats_cache(value: object, bands: int) -> str | None:
+    """What is wrong with a cached statistics entry (None: nothing)."""
+    if not isinstance(value, dict) or not {"mean", "std"} <= set(value):
+        return "no mean/std entries"
+    for key in ("mean", "std"):
+        numbers = value[key]
+        if not isinstance(numbers, list) or len(numbers) != bands:
+            return f"{key} is not a list of {bands} numbers"
+        if not all(isinstance(v, (int, float)) and not isinstance(v, bool) and np.isfinite(v) for v in numbers):
+            return f"{key} holds a value that is not a finite number"
+    if not all(v > 0 for v in value["std"]):
+        return "std holds a value <= 0"
+    return None
+
+
+def _valid_headers_cache(value: object) -> str | None:
+    """What is wrong with a cached header-check entry (None: nothing)."""
+    if not isinstance(value, dict) or not isinstance(value.get("bad"), dict):
+        return "no 'bad' table"
+    size = value.get("tile_size")
+    if not (isinstance(size, list) and len(size) == 2 and all(isinstance(v, int) and v > 0 for v in size)):
+        return "tile_size is not two positive integers"
+    if not all(isinstance(v, list) and len(v) == 2 and all(isinstance(x, str) for x in v) for v in value["bad"].values()):
+        return "a 'bad' entry is not [path, problem]"
+    return None
 
 
 def _seed_worker(worker_id: int) -> None:

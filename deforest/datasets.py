@@ -9,6 +9,7 @@ from __future__ import annotations
 import csv
 import json
 import logging
+import os
 from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -16,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from deforest.io import TileError, read_raster
+from deforest.io import TileError, read_header, read_raster, read_tile
 
 log = logging.getLogger(__name__)
 
@@ -92,6 +93,19 @@ class TileLayout(ABC):
         """Read one sample as float32 ``[C, H, W]`` (``bands`` 1-based)."""
         return read_raster(source, bands)
 
+    def read_with_nodata(self, source: str, bands: Sequence[int] | None) -> tuple[np.ndarray, list[float | None]]:
+        """:meth:`read` and the nodata value each read band's own file declares (``None``: none).
+
+        Every tile's own nodata counts, not the first tile's: tiles of one dataset may
+        declare different values, or some none at all.
+        """
+        if type(self).read is TileLayout.read:
+            return read_tile(source, bands)  # one open for both
+        image = self.read(source, bands)  # a layout with its own reader: its header tells the nodata
+        values = read_header(self.header_source(source)).nodatavals
+        chosen = list(bands) if bands is not None else list(range(1, image.shape[0] + 1))
+        return image, [values[b - 1] if b - 1 < len(values) else None for b in chosen]
+
     def header_source(self, source: str) -> str:
         """The file whose header describes ``source`` (its band count and size)."""
         return source
@@ -102,7 +116,23 @@ class TileLayout(ABC):
 
 
 def _tiles_in(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in TILE_SUFFIXES)
+    """The folder's tiles, dangling symlinks included: they are bad tiles that must be named,
+    not files to pass over without a word."""
+    return sorted(
+        p for p in folder.iterdir()
+        if p.suffix.lower() in TILE_SUFFIXES and (p.is_file() or (p.is_symlink() and not p.exists()))
+    )
+
+
+def _same_file_twice(sources: Sequence[str]) -> tuple[int, int] | None:
+    """The first pair of positions whose paths name one file (symlinks, ``./``, ``//``, ``..``)."""
+    seen: dict[str, int] = {}
+    for i, source in enumerate(sources):
+        key = os.path.normcase(os.path.realpath(source))
+        if key in seen:
+            return seen[key], i
+        seen[key] = i
+    return None
 
 
 class FolderLayout(TileLayout):
@@ -132,6 +162,13 @@ class FolderLayout(TileLayout):
                 sources += [str(t) for t in tiles]
                 targets += [label] * len(tiles)
                 splits += [split] * len(tiles)
+        twice = _same_file_twice(sources)
+        if twice is not None:
+            first, second = twice
+            raise DatasetError(
+                f"{sources[second]} is the same file as {sources[first]} (classes {class_names[targets[second]]} "
+                f"and {class_names[targets[first]]}): a tile can be in one class folder and one split only"
+            )
         return TileIndex(MULTICLASS, class_names, sources, np.asarray(targets, np.int64), splits)
 
 
@@ -196,13 +233,35 @@ class ManifestLayout(TileLayout):
         rows = list(reader)
         if not rows:
             raise DatasetError(f"{self.manifest}: no rows")
-        seen: dict[str, int] = {}
+        seen: dict[str, tuple[int, str]] = {}
         for row_no, row in enumerate(rows, start=2):
+            if None in row:  # csv puts values beyond the header's columns under the key None
+                raise DatasetError(
+                    f"{self.manifest}, line {row_no}: {len(row[None])} more value(s) than the header's columns "
+                    f"{reader.fieldnames} (an unquoted comma?)"
+                )
+            absent = [c for c in ("path", "labels") if row.get(c) is None]
+            if absent:
+                raise DatasetError(
+                    f"{self.manifest}, line {row_no}: no {' and no '.join(repr(c) for c in absent)} value "
+                    f"(the row has fewer columns than the header {reader.fieldnames})"
+                )
             path = row["path"]
-            if path in seen:
-                raise DatasetError(f"{self.manifest}, line {row_no}: duplicate of line {seen[path]} ({path})")
-            seen[path] = row_no
+            if not path.strip():
+                raise DatasetError(f"{self.manifest}, line {row_no}: empty 'path'")
+            # ./tiles//x.tif, tiles/x.tif, /abs/.../tiles/x.tif and symlinks to it are one tile
+            key = os.path.normcase(os.path.realpath(self.root / path))
+            if key in seen:
+                line, spelling = seen[key]
+                same = "duplicate of" if spelling == path else f"{path} is the same file as {spelling} on"
+                raise DatasetError(f"{self.manifest}, line {row_no}: {same} line {line} ({key})")
+            seen[key] = (row_no, path)
             if not (self.root / path).is_file():
+                if (self.root / path).is_symlink():
+                    raise DatasetError(
+                        f"{self.manifest}, line {row_no}: file {self.root / path} is a dangling symlink "
+                        f"(to {os.readlink(self.root / path)})"
+                    )
                 raise DatasetError(f"{self.manifest}, line {row_no}: file {self.root / path} does not exist")
             split = row.get("split") or None
             if split is not None and split not in SPLITS:
@@ -412,19 +471,30 @@ class BigEarthNetLayout(TileLayout):
             labels = json.loads(path.read_text(encoding="utf-8"))["labels"]
         except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as err:
             raise DatasetError(f"{path}: malformed labels JSON ({type(err).__name__}: {err})") from None
-        unknown = [label for label in labels if label not in BIGEARTHNET_43]
-        if unknown or not isinstance(labels, list):
-            raise DatasetError(f"{path}: unknown BigEarthNet label(s) {unknown or labels}")
+        if labels is None:
+            raise DatasetError(f"{path}: 'labels' is null (a list of CORINE labels is expected)")
+        if not isinstance(labels, list):
+            raise DatasetError(f"{path}: 'labels' is a {type(labels).__name__} ({labels!r}), not a list of CORINE labels")
+        if not labels:
+            raise DatasetError(f"{path}: 'labels' is empty (every BigEarthNet patch has at least one label)")
+        unknown = [label for label in labels if not isinstance(label, str) or label not in BIGEARTHNET_43]
+        if unknown:
+            raise DatasetError(f"{path}: unknown BigEarthNet label(s) {unknown}")
         return labels
 
     def _band_file(self, patch: Path, band: str) -> Path:
         return patch / f"{patch.name}_{band}.tif"
 
     def read(self, source: str, bands: Sequence[int] | None) -> np.ndarray:
+        return self.read_with_nodata(source, bands)[0]
+
+    def read_with_nodata(self, source: str, bands: Sequence[int] | None) -> tuple[np.ndarray, list[float | None]]:
+        """The patch's bands on one grid, each with the nodata value of its own band file."""
         patch = Path(source)
         chosen = [self.band_names[i - 1] for i in bands] if bands else self.band_names
         shape = (self.size, self.size)
-        return np.concatenate([read_raster(self._band_file(patch, b), [1], shape) for b in chosen])
+        read = [read_tile(self._band_file(patch, b), [1], shape) for b in chosen]
+        return np.concatenate([image for image, _ in read]), [nodata[0] for _, nodata in read]
 
     def header_source(self, source: str) -> str:
         return str(self._band_file(Path(source), "B02"))

@@ -17,8 +17,11 @@ from rasterio.enums import Interleaving, Resampling
 from rasterio.errors import RasterioError
 
 # GDAL would list the whole directory on every open to look for sidecar files; on a folder
-# of thousands of tiles that dominates the read time.
+# of thousands of tiles that dominates the read time. EMPTY_DIR also hides every sidecar, so
+# a tile with a ``.aux.xml`` (GDAL's PAM file, which can declare nodata) is opened with
+# GDAL's stat-based sidecar lookup instead: see :func:`open_raster`.
 os.environ.setdefault("GDAL_DISABLE_READDIR_ON_OPEN", "EMPTY_DIR")
+SIDECAR = ".aux.xml"
 
 SUPPORTED_DTYPES = frozenset(
     {"uint8", "int8", "uint16", "int16", "uint32", "int32", "float32", "float64"}
@@ -41,7 +44,11 @@ class TileError(ValueError):
 
 @dataclass(frozen=True)
 class RasterHeader:
-    """What a header says about a raster, read without touching pixels."""
+    """What a header says about a raster, read without touching pixels.
+
+    ``pixel_size`` is in metres (the larger of the two axes), ``None`` when the file has no
+    projected CRS to tell it (no georeference, or degrees); ``nodatavals`` has one value per band.
+    """
 
     count: int
     height: int
@@ -49,6 +56,39 @@ class RasterHeader:
     dtype: str
     nodata: float | None
     descriptions: tuple[str | None, ...]
+    pixel_size: float | None = None
+    nodatavals: tuple[float | None, ...] = ()
+
+
+def has_sidecar(path: str | os.PathLike) -> bool:
+    """Whether ``path`` has a GDAL ``.aux.xml`` sidecar beside it."""
+    return os.path.exists(f"{path}{SIDECAR}")
+
+
+def open_raster(path: str | os.PathLike) -> rasterio.DatasetReader:
+    """``rasterio.open(path)``, reading its ``.aux.xml`` sidecar when it has one.
+
+    With ``GDAL_DISABLE_READDIR_ON_OPEN=EMPTY_DIR`` GDAL ignores sidecars; a nodata value
+    declared there would be silently lost and nodata pixels read as reflectance. One ``stat``
+    per open finds the sidecar, and such a file is opened with ``TRUE`` (GDAL then looks its
+    sidecars up by name, without listing the directory).
+    """
+    if has_sidecar(path):
+        with rasterio.Env(GDAL_DISABLE_READDIR_ON_OPEN="TRUE"):
+            return rasterio.open(path)
+    return rasterio.open(path)
+
+
+def pixel_size_m(src: rasterio.DatasetReader) -> float | None:
+    """The larger pixel side in metres; ``None`` without a projected CRS."""
+    crs = src.crs
+    if crs is None or not crs.is_projected or src.transform.is_identity:
+        return None
+    try:
+        factor = crs.linear_units_factor[1]
+    except Exception:  # a CRS without linear units
+        return None
+    return float(max(abs(src.res[0]), abs(src.res[1])) * factor)
 
 
 def read_header(path: str | os.PathLike) -> RasterHeader:
@@ -59,9 +99,10 @@ def read_header(path: str | os.PathLike) -> RasterHeader:
     """
     _check_file(path)
     try:
-        with rasterio.open(path) as src:
+        with open_raster(path) as src:
             header = RasterHeader(
-                src.count, src.height, src.width, src.dtypes[0], src.nodata, src.descriptions
+                src.count, src.height, src.width, src.dtypes[0], src.nodata, src.descriptions,
+                pixel_size_m(src), tuple(src.nodatavals),
             )
             if src.driver == "GTiff":
                 _check_not_truncated(path, src)
@@ -80,9 +121,20 @@ def read_raster(
 
     ``out_shape`` resamples on read (BigEarthNet's 20 m and 60 m bands onto the 10 m grid).
     """
+    return read_tile(path, bands, out_shape, resampling)[0]
+
+
+def read_tile(
+    path: str | os.PathLike,
+    bands: Sequence[int] | None = None,
+    out_shape: tuple[int, int] | None = None,
+    resampling: Resampling = Resampling.bilinear,
+) -> tuple[np.ndarray, list[float | None]]:
+    """:func:`read_raster` and each read band's own nodata value (``None``: it declares none),
+    from one open of the file (its ``.aux.xml`` sidecar included)."""
     _check_file(path)
     try:
-        with rasterio.open(path) as src:
+        with open_raster(path) as src:
             if src.dtypes[0] not in SUPPORTED_DTYPES:
                 raise TileError(path, f"unsupported dtype {src.dtypes[0]}")
             indexes = list(bands) if bands is not None else list(range(1, src.count + 1))
@@ -92,9 +144,10 @@ def read_raster(
                 )
             shape = None if out_shape is None else (len(indexes), *out_shape)
             data = src.read(indexes, out_shape=shape, resampling=resampling)
+            nodata = [src.nodatavals[i - 1] for i in indexes]
     except READ_ERRORS as err:
         raise TileError(path, f"cannot be read as a raster ({_short(err)})") from None
-    return data.astype(np.float32, copy=False)
+    return data.astype(np.float32, copy=False), nodata
 
 
 def resolve_bands(
@@ -122,12 +175,23 @@ def resolve_bands(
     return indexes
 
 
-def file_fingerprint(paths: Sequence[str | os.PathLike]) -> list[tuple[str, int, int]]:
-    """Name, size and mtime of each file: enough to notice a changed dataset."""
+def file_fingerprint(paths: Sequence[str | os.PathLike]) -> list[tuple]:
+    """Name, size and mtime of each file (and of its ``.aux.xml`` sidecar, which can change its
+    nodata): enough to notice a changed dataset."""
     out = []
     for path in paths:
-        stat = Path(path).stat()
-        out.append((str(path), stat.st_size, stat.st_mtime_ns))
+        try:
+            stat = Path(path).stat()
+        except FileNotFoundError:  # gone, or a dangling symlink: reading it names the problem
+            out.append((str(path), None, None))
+            continue
+        entry: tuple = (str(path), stat.st_size, stat.st_mtime_ns)
+        try:
+            sidecar = os.stat(f"{path}{SIDECAR}")
+            entry += (sidecar.st_size, sidecar.st_mtime_ns)
+        except OSError:
+            pass
+        out.append(entry)
     return out
 
 
@@ -139,6 +203,8 @@ def _check_file(path: str | os.PathLike) -> None:
         with path.open("rb") as f:
             magic = f.read(4)
     except FileNotFoundError:
+        if path.is_symlink():
+            raise TileError(path, f"is a dangling symlink (to {os.readlink(path)}, which does not exist)") from None
         raise TileError(path, "does not exist") from None
     except OSError as err:
         raise TileError(path, f"cannot be read ({err.strerror})") from None

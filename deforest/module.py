@@ -12,7 +12,7 @@ import inspect
 import logging
 import os
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import IO, Any
 
 import lightning.pytorch as pl
 from lightning.pytorch.callbacks import BaseFinetuning
@@ -20,11 +20,13 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from deforest.checkpoints import check_numbers, model_kwargs, read_checkpoint
 from deforest.contract import InputSpec
 from deforest.datasets import MULTICLASS, MULTILABEL
 from deforest.losses import Criterion, DynamicWeightedLoss
 from deforest.metrics import build_metrics, metric_inputs
 from deforest.models import BandStatistics, backbone_modules, build_backbone
+from deforest.safety import CheckpointError
 from deforest.thresholds import ThresholdTuner
 from deforest.transforms import BandNormalizer, d4_views
 
@@ -162,6 +164,53 @@ class TileClassifier(pl.LightningModule):
         """The contract as plain data at the checkpoint's top level, thresholds included, so
         readers need neither the model class nor its state dict."""
         checkpoint["input_spec"] = self.input_spec.to_dict()
+
+    # ---- loading ------------------------------------------------------------------------
+    @classmethod
+    def load_from_checkpoint(  # type: ignore[override]
+        cls,
+        checkpoint_path: str | os.PathLike | IO,
+        map_location: Any = None,
+        hparams_file: Any = None,
+        strict: bool | None = None,
+        weights_only: bool | None = None,
+        **kwargs: Any,
+    ) -> TileClassifier:
+        """Rebuild a classifier from a checkpoint without running anything the file says.
+
+        Unlike Lightning's loader, the saved hyper-parameters pass through
+        :func:`deforest.checkpoints.model_kwargs`: ``compile`` (whose options name compilers
+        that ``torch.compile`` runs) and other code-execution settings are never taken from
+        the file, only from ``kwargs`` (the caller's, i.e. the current config); ``configure_model``
+        is not called here. A missing, truncated or crafted file raises
+        :class:`~deforest.safety.CheckpointError` naming it.
+        """
+        if hparams_file is not None or weights_only is False:
+            raise ValueError("TileClassifier.load_from_checkpoint takes no hparams_file and always loads weights only")
+        if map_location is None:
+            from lightning.pytorch.core.saving import _default_map_location as map_location
+        checkpoint = read_checkpoint(checkpoint_path, map_location)
+        hparams = checkpoint.get(cls.CHECKPOINT_HYPER_PARAMS_KEY) or {}
+        if not isinstance(hparams, Mapping):
+            raise CheckpointError(checkpoint_path, f"refused: its hyper-parameters are a {type(hparams).__name__}")
+        options = model_kwargs(cls, hparams, checkpoint_path, kwargs)
+        spec = options.get("input_spec")
+        if not isinstance(spec, Mapping) or not isinstance(spec.get("normalization"), Mapping):
+            raise CheckpointError(checkpoint_path, "refused: it has no input contract (input_spec); was it written by deforest?")
+        check_numbers(checkpoint_path, "normalisation mean", spec["normalization"].get("mean"))
+        check_numbers(checkpoint_path, "normalisation std", spec["normalization"].get("std"), low=1e-12)
+        check_numbers(checkpoint_path, "thresholds", spec.get("thresholds"), low=0.0, high=1.0)
+        try:
+            model = cls(**options)
+            model.on_load_checkpoint(checkpoint)
+            model.load_state_dict(checkpoint["state_dict"], strict=True if strict is None else strict)
+        except (TypeError, ValueError, RuntimeError, KeyError) as err:
+            raise CheckpointError(
+                checkpoint_path, f"cannot rebuild the model from it ({type(err).__name__}: {str(err).splitlines()[0][:300]})"
+            ) from None
+        check_numbers(checkpoint_path, "thresholds", model.thresholds.tolist(), low=0.0, high=1.0)
+        tensors = (t for t in checkpoint["state_dict"].values() if isinstance(t, Tensor))
+        return model.to(next(tensors, torch.tensor(0)).device)
 
     # ---- metrics ------------------------------------------------------------------------
     def _metrics(self) -> torch.nn.ModuleDict:

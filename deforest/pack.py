@@ -21,13 +21,16 @@ ends with the same bytes as an uninterrupted run.
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import logging
+import math
 import multiprocessing
 import os
 import shutil
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from concurrent.futures import FIRST_EXCEPTION, ProcessPoolExecutor, wait
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,7 +44,7 @@ from deforest.io import RasterHeader, TileError, file_fingerprint, read_header
 log = logging.getLogger(__name__)
 
 PACK_VERSION = 2
-TILES, INDEX, TARGETS, STATS = "tiles.npy", "index.json", "targets.npy", "stats.npy"
+TILES, INDEX, TARGETS, STATS, LOCK = "tiles.npy", "index.json", "targets.npy", "stats.npy", ".pack.lock"
 #: where an unfinished pack keeps its plan and one marker per finished shard
 PROGRESS = ".progress"
 #: source dtypes stored as they are; float32 holds these exactly, so reading back is lossless
@@ -128,6 +131,37 @@ def pack_dataset(
     if len(index) == 0:
         raise DatasetError(f"{layout.root}: no tiles found")
     key = fingerprint(layout, index)
+    out.mkdir(parents=True, exist_ok=True)
+    with _pack_lock(out):  # a second packer of the same folder waits, then finds the pack up to date
+        return _pack_locked(layout, index, key, out, progress, num_workers, shard_tiles)
+
+
+@contextmanager
+def _pack_lock(out: Path) -> Iterator[None]:
+    """One packer per pack folder at a time (parallel jobs packing one dataset)."""
+    fd = os.open(out / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            log.info("%s: another deforest-pack is writing this pack; waiting for it", out)
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        except OSError:  # no flock on this file system
+            pass
+        yield
+    finally:
+        os.close(fd)
+
+
+def _pack_locked(
+    layout: TileLayout,
+    index: TileIndex,
+    key: str,
+    out: Path,
+    progress: Callable[[int, int], None] | None,
+    num_workers: int,
+    shard_tiles: int,
+) -> PackResult:
     if is_pack(out):
         existing = read_record(out)
         if existing.get("fingerprint") == key:
@@ -227,8 +261,11 @@ class _ShardJob:
         for row in range(start, stop):
             source = self.sources[row]
             try:
-                image = self.layout.read(source, None)
-                _check_tile(source, image, self.shape[1:])
+                from deforest.validation import valid_pixels  # validation reads packs too
+
+                image, nodata = self.layout.read_with_nodata(source, None)
+                _same_nodata(source, nodata, self.nodata)
+                _check_tile(source, image, self.shape[1:], valid_pixels(image, nodata))
             except TileError as err:  # TileError does not pickle: send its parts
                 return 0, (err.path, err.problem)
             tiles[row] = image
@@ -290,10 +327,23 @@ def tile_sums(image: np.ndarray, nodata: float | None) -> np.ndarray:
     return np.stack([n, raw.sum(axis=(1, 2)), (raw**2).sum(axis=(1, 2)), logs.sum(axis=(1, 2)), (logs**2).sum(axis=(1, 2))])
 
 
-def _check_tile(source: str, image: np.ndarray, shape: tuple[int, ...]) -> None:
+def _same_nodata(source: str, declared: Sequence[float | None], dataset: float | None) -> None:
+    """A pack stores one nodata value for all its tiles: a tile that declares another is refused."""
+    def same(value: float | None) -> bool:
+        if value is None or dataset is None:
+            return value is None and dataset is None
+        return value == dataset or (math.isnan(value) and math.isnan(dataset))
+
+    if not all(same(v) for v in declared):
+        raise TileError(source, f"declares nodata {list(declared)}, the dataset's first tile {dataset}: a pack holds "
+                                "one nodata value; pack tiles with another nodata separately")
+
+
+def _check_tile(source: str, image: np.ndarray, shape: tuple[int, ...], valid: np.ndarray | None) -> None:
     if image.shape != shape:
         raise TileError(source, f"has shape {list(image.shape)}, the dataset's tiles are {list(shape)} (bands, rows, cols)")
-    if not np.isfinite(image).all():
+    finite = np.isfinite(image) if valid is None else np.isfinite(image) | ~valid
+    if not finite.all():
         raise TileError(source, "contains NaN or infinite pixel values")
 
 
@@ -367,7 +417,13 @@ class PackedLayout(TileLayout):
     def tiles(self) -> np.ndarray:
         """The memory-mapped ``[N, C, H, W]`` array, opened once per process."""
         if self._tiles is None:
-            self._tiles = np.load(self.path / TILES, mmap_mode="r")
+            try:  # allow_pickle stays False: an object array is refused, never unpickled
+                tiles = np.load(self.path / TILES, mmap_mode="r", allow_pickle=False)
+            except (OSError, ValueError) as err:
+                raise DatasetError(f"{self.path / TILES}: not a pack array ({str(err).splitlines()[0][:200]})") from None
+            if tiles.dtype.kind not in "uif" or tiles.ndim != 4:
+                raise DatasetError(f"{self.path / TILES}: not a pack array (dtype {tiles.dtype}, {tiles.ndim} dimensions)")
+            self._tiles = tiles
         return self._tiles
 
     @property
@@ -435,6 +491,12 @@ class PackedLayout(TileLayout):
         if bands is not None and list(bands) != list(range(1, tile.shape[0] + 1)):
             tile = tile[np.asarray(bands) - 1]
         return tile.astype(np.float32)
+
+    def read_with_nodata(self, source: str, bands: Sequence[int] | None) -> tuple[np.ndarray, list[float | None]]:
+        """The packed tile and its nodata: one value for the whole pack (packing refuses a tile
+        that declares another)."""
+        tile = self.read(source, bands)
+        return tile, [self.record["nodata"]] * tile.shape[0]
 
     def header_source(self, source: str) -> str:
         return source

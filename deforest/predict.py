@@ -40,8 +40,8 @@ UINT8_SCALE = 254  # probabilities 0..254 so that 255 stays free for nodata
 
 def load_classifier(ckpt_path: str | os.PathLike, device: str = "cpu") -> tuple[TileClassifier, InputSpec]:
     """The classifier in eval mode on ``device`` and its input contract."""
-    if not Path(ckpt_path).is_file():
-        raise FileNotFoundError(f"{ckpt_path}: checkpoint not found")
+    # weights and plain settings only: compile and other code-execution settings never come from the file;
+    # a missing or unreadable file is a CheckpointError naming it
     model = TileClassifier.load_from_checkpoint(ckpt_path, map_location=device).eval()
     return model, model.input_spec
 
@@ -213,9 +213,13 @@ def predict_scene(
         target = out.with_suffix(".tmp.tif") if cog else out
         tags = {"tile_size": str(tile), "stride": str(stride), "full_resolution": str(full_resolution),
                 "band_order": band_order, **(tags or {})}
+        if tile > min(scene.height, scene.width):  # every window would be partly mirrored pixels
+            raise TileError(
+                scene.name,
+                f"is {scene.height}x{scene.width} pixels, smaller than one {tile}x{tile} window (the checkpoint's "
+                f"tile size): it cannot be classified without making up pixels; use a scene at least {tile}x{tile}",
+            )
         if full_resolution:
-            if tile > min(scene.height, scene.width):
-                raise ValueError(f"{scene.name}: the scene ({scene.height}x{scene.width}) is smaller than the tile size {tile}")
             writer = MapWriter(target, spec, scene, scene.width, scene.height, scene.transform, dtype, tags)
             run = _full_resolution
         else:

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import base64
 import csv
+import html
 import logging
+import re
 import textwrap
 from collections import defaultdict
 from collections.abc import Callable, Mapping, Sequence
@@ -94,9 +96,32 @@ def rgb_bands(configured: Sequence[int | str] | None, band_names: Sequence[str] 
     return [1, 2, 3] if count >= 3 else [1]
 
 
+def _text(value: object) -> str:
+    """Untrusted text (class and label names, paths) as literal markdown: ``<`` ``>`` ``&`` as
+    entities, and the characters that make code spans, links or table cells backslash-escaped,
+    so a label ``<script>...`` reads as text in ``report.md`` and in ``report.html``."""
+    return re.sub(r"([\\`|\[\]])", r"\\\1", html.escape(str(value), quote=False))
+
+
+def _detail(detail: str) -> str:
+    """A detail line whose ```code``` spans stay code (where markdown escapes everything) and whose
+    other text goes through :func:`_text`."""
+    parts = detail.split("`")
+    if len(parts) % 2 == 0:  # an unbalanced backtick: all of it as text
+        return _text(detail)
+    return "`".join(part if i % 2 else _text(part) for i, part in enumerate(parts))
+
+
 def _html(text: str, figures: Mapping[str, Path]) -> str:
-    """``report.md`` as one self-contained page (figures inlined), to mail or attach."""
-    body = markdown.markdown(text, extensions=["tables"])
+    """``report.md`` as one self-contained page (figures inlined), to mail or attach.
+
+    Raw HTML in the markdown is not passed through (it is shown as text): the page holds
+    names that come from data files.
+    """
+    converter = markdown.Markdown(extensions=["tables"])
+    converter.preprocessors.deregister("html_block")
+    converter.inlinePatterns.deregister("html")
+    body = converter.convert(text)
     for path in figures.values():
         encoded = base64.b64encode(path.read_bytes()).decode()
         body = body.replace(f'src="{path.name}"', f'src="data:image/png;base64,{encoded}"')
@@ -311,8 +336,10 @@ def _write_predictions(run: Evaluation, path: Path) -> None:
 # ---- markdown ---------------------------------------------------------------------------
 def _markdown(run: Evaluation, tuned: dict[str, Tensor], at_half: dict[str, Tensor] | None, figures: dict[str, Path]) -> str:
     support = run.target.sum(dim=0) if run.task != MULTICLASS else torch.bincount(run.target, minlength=len(run.class_names))
-    lines = [f"# deforest report: {run.split} split", "", *(f"- {d}" for d in run.details),
-             f"- {run.split} tiles: {len(run.sources)}, task: {run.task}, classes: {len(run.class_names)}", ""]
+    names = [_text(n) for n in run.class_names]
+    split = _text(run.split)
+    lines = [f"# deforest report: {split} split", "", *(f"- {_detail(d)}" for d in run.details),
+             f"- {split} tiles: {len(run.sources)}, task: {_text(run.task)}, classes: {len(run.class_names)}", ""]
     lines += ["## Metrics", ""]
     if at_half is None:
         lines += ["| metric | value |", "|---|---|"]
@@ -328,7 +355,7 @@ def _markdown(run: Evaluation, tuned: dict[str, Tensor], at_half: dict[str, Tens
         lines += ["| label | support | threshold | precision | recall | F1 | F1 at 0.5 | AP | AUROC |",
                   "|---|---|---|---|---|---|---|---|---|"]
         columns = ("threshold", "precision", "recall", "f1", "f1@0.5", "ap", "auroc")
-    for i, name in enumerate(run.class_names):
+    for i, name in enumerate(names):
         cells = []
         for column in columns:
             if column == "threshold":
@@ -343,12 +370,12 @@ def _markdown(run: Evaluation, tuned: dict[str, Tensor], at_half: dict[str, Tens
     if run.task == MULTICLASS and len(run.class_names) <= 20:
         matrix = tuned["confusion_matrix"].long()
         lines += ["Rows are true classes, columns predicted ones (counts).", "",
-                  "| true \\ predicted | " + " | ".join(run.class_names) + " |",
+                  "| true \\ predicted | " + " | ".join(names) + " |",
                   "|---" * (len(run.class_names) + 1) + "|"]
-        lines += [f"| {name} | " + " | ".join(str(int(v)) for v in matrix[i]) + " |" for i, name in enumerate(run.class_names)]
+        lines += [f"| {name} | " + " | ".join(str(int(v)) for v in matrix[i]) + " |" for i, name in enumerate(names)]
         lines.append("")
     sections = (("pr_curves", "Precision-recall curves"), ("class_distribution", "Class distribution"),
-                ("training_curves", "Training curves"), ("examples", f"Example {run.split} tiles (wrong ones in red)"))
+                ("training_curves", "Training curves"), ("examples", f"Example {split} tiles (wrong ones in red)"))
     for key, title in sections:
         lines += [f"## {title}", ""]
         lines.append(f"![{title.lower()}]({figures[key].name})" if key in figures else "_not available for this run_")

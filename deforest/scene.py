@@ -18,7 +18,7 @@ from rasterio.crs import CRS
 from rasterio.errors import RasterioError
 from rasterio.windows import Window
 
-from deforest.io import SUPPORTED_DTYPES, TileError
+from deforest.io import SUPPORTED_DTYPES, TileError, open_raster
 
 PathList = str | os.PathLike | Sequence[str | os.PathLike]
 
@@ -56,7 +56,7 @@ class Scene:
 
     def _open(self, path: Path) -> rasterio.DatasetReader:
         try:
-            src = self._stack.enter_context(rasterio.open(path))
+            src = self._stack.enter_context(open_raster(path))  # its .aux.xml nodata too
         except (RasterioError, OSError) as err:
             self.close()
             raise TileError(path, f"cannot be opened as a raster ({str(err).splitlines()[0][:200]})") from None

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -15,8 +16,12 @@ from typing import Any
 import numpy as np
 
 from deforest.io import TileError
+from deforest.safety import atomic_write_text
 
-STATS_VERSION = 2
+log = logging.getLogger(__name__)
+
+# 3: per-tile nodata, dtype and pixel-size header checks
+STATS_VERSION = 3
 
 
 class JsonCache:
@@ -34,23 +39,29 @@ class JsonCache:
     def path(self, kind: str, key: str) -> Path | None:
         return None if self.folder is None else self.folder / f"{kind}-{key}.json"
 
-    def load(self, kind: str, key: str) -> dict | None:
+    def load(self, kind: str, key: str, check: Callable[[object], str | None]) -> dict | None:
+        """The cached value, or None to recompute: when there is none, and (with a warning naming
+        the file) when it is unreadable or ``check`` finds it malformed (then it is rewritten)."""
         path = self.path(kind, key)
         if path is None or not path.is_file():
             return None
         try:
-            return json.loads(path.read_text())
-        except json.JSONDecodeError:
-            return None
+            value = json.loads(path.read_text(encoding="utf-8"))
+            problem = check(value)
+        except (OSError, UnicodeDecodeError, ValueError) as err:  # JSONDecodeError is a ValueError
+            problem = f"{type(err).__name__}: {str(err).splitlines()[0][:200] if str(err) else ''}"
+        if problem is None:
+            return value
+        log.warning("%s cache %s is corrupt (%s): recomputing it", kind, path, problem)
+        return None
 
     def store(self, kind: str, key: str, value: dict) -> None:
+        """Write through a unique temporary file: DDP ranks and parallel jobs computing the same
+        entry at once never interleave their writes (the last complete one wins)."""
         path = self.path(kind, key)
         if path is None:
             return
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(value))
-        tmp.replace(path)
+        atomic_write_text(path, json.dumps(value))
 
 
 def measure_band_statistics(

@@ -12,6 +12,7 @@ normalisation, so they carry no signal.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 from collections import Counter
@@ -54,11 +55,27 @@ class BadTiles:
             self.problems[source] = str(err)
 
 
+#: pixel sizes within this relative difference are one resolution (EuroSAT's 10 m tiles measure
+#: 9.97 to 10.03 m in their UTM zones); 20 m or 60 m among 10 m tiles are far outside it
+PIXEL_SIZE_TOLERANCE = 0.1
+
+
 def reference_header(headers: Sequence[RasterHeader]) -> RasterHeader:
-    """The most common band count and size among ``headers``: what the dataset's tiles are."""
-    shapes = Counter((h.count, h.height, h.width) for h in headers)
+    """What the dataset's tiles are: the most common band count, size and dtype among
+    ``headers``, with the most common pixel size among those that have one.
+
+    CRSs are not compared: a dataset may span UTM zones (EuroSAT spans eight).
+    """
+    shapes = Counter((h.count, h.height, h.width, h.dtype) for h in headers)
     common = shapes.most_common(1)[0][0]
-    return next(h for h in headers if (h.count, h.height, h.width) == common)
+    reference = next(h for h in headers if (h.count, h.height, h.width, h.dtype) == common)
+    sizes = Counter(round(h.pixel_size, 1) for h in headers if h.pixel_size is not None)
+    if not sizes:
+        return dataclasses.replace(reference, pixel_size=None)
+    size = sizes.most_common(1)[0][0]
+    return dataclasses.replace(reference, pixel_size=next(
+        h.pixel_size for h in headers if h.pixel_size is not None and round(h.pixel_size, 1) == size
+    ))
 
 
 def check_header(path: str, header: RasterHeader, reference: RasterHeader) -> None:
@@ -72,13 +89,35 @@ def check_header(path: str, header: RasterHeader, reference: RasterHeader) -> No
             path,
             f"is {header.height}x{header.width} pixels, the dataset's tiles are {reference.height}x{reference.width}",
         )
+    if header.dtype != reference.dtype:
+        raise TileError(
+            path, f"has dtype {header.dtype}, the dataset's tiles are {reference.dtype} (another product or processing level?)"
+        )
+    if header.pixel_size is not None and reference.pixel_size is not None:
+        if abs(header.pixel_size - reference.pixel_size) > PIXEL_SIZE_TOLERANCE * reference.pixel_size:
+            raise TileError(
+                path,
+                f"has {header.pixel_size:.3g} m pixels, the dataset's tiles have {reference.pixel_size:.3g} m "
+                f"(another resolution: resample it to the dataset's grid)",
+            )
 
 
-def valid_pixels(image: np.ndarray, nodata: float | None) -> np.ndarray | None:
-    """Per-pixel validity ``[C, H, W]`` (``None`` when the tiles declare no nodata)."""
+def valid_pixels(image: np.ndarray, nodata: float | Sequence[float | None] | None) -> np.ndarray | None:
+    """Per-pixel validity ``[C, H, W]`` (``None`` when the tile declares no nodata).
+
+    ``nodata`` is one value for every band, or one per band (``None``: that band has none),
+    as each tile's own header (or ``.aux.xml`` sidecar) declares it.
+    """
     if nodata is None:
         return None
-    return ~np.isnan(image) if math.isnan(nodata) else image != np.float32(nodata)
+    values = list(nodata) if isinstance(nodata, (list, tuple)) else [nodata] * image.shape[0]
+    if all(v is None for v in values):
+        return None
+    valid = np.ones(image.shape, bool)
+    for band, value in enumerate(values):
+        if value is not None:
+            valid[band] = ~np.isnan(image[band]) if math.isnan(value) else image[band] != np.float32(value)
+    return valid
 
 
 def check_pixels(source: str, image: np.ndarray, valid: np.ndarray | None) -> None:

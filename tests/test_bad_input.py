@@ -33,6 +33,13 @@ def _copy_classes(eurosat_root: Path, dest: Path, classes=("Forest", "River")) -
     return dest
 
 
+def _as_float32(root: Path) -> None:
+    """Rewrite every tile under ``root`` as float32: NaN and inf need a float dataset (a float tile
+    among uint16 ones is refused for its dtype before its pixels are read)."""
+    for tile in root.rglob("*.tif"):
+        _rewrite(tile, tile, dtype="float32")
+
+
 def _rewrite(src: Path, dest: Path, data: np.ndarray | None = None, **profile_changes) -> None:
     """Write ``src``'s pixels (or ``data``) to ``dest`` with a changed profile."""
     with rasterio.open(src) as ds:
@@ -101,6 +108,8 @@ FAULTS: list[tuple[Callable[[Path, Path], None], str, bool]] = [
 @pytest.mark.parametrize("fault,message,quick", FAULTS, ids=[f[0].__name__.strip("_") for f in FAULTS])
 def test_bad_tile_is_named_or_skipped(eurosat_root, tmp_path, fault, message, quick):
     root = _copy_classes(eurosat_root, tmp_path / "d")
+    if not quick:
+        _as_float32(root)
     bad = root / "River" / "River_bad.tif"
     fault(next((root / "River").glob("*.tif")), bad)
     validate = "quick" if quick else "full"
@@ -190,6 +199,7 @@ def test_bad_tile_met_in_a_worker_is_raised_in_the_main_process(eurosat_root, tm
     for split in ("train", "test"):
         for cls in ("Forest", "River"):
             shutil.copytree(eurosat_root / split / cls, tmp_path / "d" / split / cls)
+    _as_float32(tmp_path / "d")
     bad = tmp_path / "d" / "test" / "River" / "River_nan.tif"
     _nan(next((tmp_path / "d" / "test" / "River").glob("*.tif")), bad)
 

@@ -211,6 +211,11 @@ def test_bad_tile_fails_packing_naming_file(eurosat_root, tmp_path):
     root = tmp_path / "data"
     shutil.copytree(eurosat_root / "train" / "Forest", root / "Forest")
     shutil.copytree(eurosat_root / "train" / "River", root / "River")
+    for tile in root.rglob("*.tif"):  # a float32 dataset: a float tile among uint16 ones fails on its dtype
+        with rasterio.open(tile) as src:
+            profile, pixels = src.profile, src.read()
+        with rasterio.open(tile, "w", **{**profile, "dtype": "float32"}) as dst:
+            dst.write(pixels.astype(np.float32))
     bad = root / "River" / "River_nan.tif"
     data = np.random.default_rng(0).random((13, 64, 64), dtype=np.float32)
     data[3, 10, 10] = np.nan
@@ -218,7 +223,8 @@ def test_bad_tile_fails_packing_naming_file(eurosat_root, tmp_path):
         dst.write(data)
     with pytest.raises(TileError, match=r"River_nan\.tif: contains NaN"):
         pack_dataset(FolderLayout(root), tmp_path / "pack")
-    assert not list((tmp_path / "pack").iterdir())  # nothing half-written left behind
+    # nothing half-written left behind (the packers' lock file is all there is)
+    assert [p.name for p in (tmp_path / "pack").iterdir()] == [".pack.lock"]
     with pytest.raises(DatasetError, match="no pack there"):
         PackedLayout(tmp_path / "pack")
 

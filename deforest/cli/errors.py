@@ -1,5 +1,6 @@
 """Errors a user can fix (bad files, bad config, a diverged run) end a command with one clear
-line and exit status 2 instead of a traceback; see docs/errors.md for what to do about each."""
+line and exit status 2 instead of a traceback; a run stopped by SIGTERM ends with one line and
+exit status 143 once it has saved what it needs to resume. See docs/errors.md for each."""
 
 from __future__ import annotations
 
@@ -10,19 +11,25 @@ from contextlib import contextmanager
 from deforest.config_checks import ConfigError
 from deforest.datasets import DatasetError
 from deforest.io import TileError
+from deforest.safety import EXIT_INTERRUPTED, CheckpointError, RunDirLocked, RunInterrupted
 
 log = logging.getLogger(__name__)
 
 # kept free of torch imports: deforest-tile starts without torch
-USER_ERRORS = (TileError, DatasetError, ConfigError, FloatingPointError)
+USER_ERRORS = (TileError, DatasetError, ConfigError, CheckpointError, RunDirLocked, FloatingPointError)
 EXIT_USER_ERROR = 2
 
 
 @contextmanager
 def exit_on_user_error(*extra: type[Exception]) -> Iterator[None]:
-    """Log a :data:`USER_ERRORS` (or ``extra``) exception as ``<type>: <message>``, exit with status 2."""
+    """Log a :data:`USER_ERRORS` (or ``extra``) exception as ``<type>: <message>``, exit with status 2;
+    a :class:`RunInterrupted` run exits with status 143 (:data:`~deforest.safety.EXIT_INTERRUPTED`)."""
     try:
         yield
-    except (*USER_ERRORS, *extra) as err:
+    except RunInterrupted as err:
         log.error("%s: %s", type(err).__name__, err)
+        raise SystemExit(EXIT_INTERRUPTED) from None
+    except (*USER_ERRORS, *extra) as err:
+        name = "CheckpointError" if isinstance(err, CheckpointError) else type(err).__name__
+        log.error("%s: %s", name, err)
         raise SystemExit(EXIT_USER_ERROR) from None

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import hydra
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig
 
 from deforest.build import build_datamodule, build_trainer, use_cpu_settings
@@ -21,20 +22,20 @@ from deforest.checkpoints import checkpoint_epoch
 from deforest.cli.errors import exit_on_user_error
 from deforest.cli.overrides import checked_overrides
 from deforest.cli.train import CONFIG_PATH, headline_metrics
-from deforest.datasets import SPLITS, DatasetError
+from deforest.config_checks import EVAL_CHOICES, EVAL_RULES, check_ranges
+from deforest.datasets import DatasetError
 from deforest.module import TileClassifier
 from deforest.report import report_on_split
+from deforest.safety import RunInterrupted, run_dir_lock
 
 log = logging.getLogger(__name__)
 
 
 def evaluate(cfg: DictConfig) -> dict[str, Any]:
     """Test ``cfg.ckpt_path`` on ``cfg.split`` of ``cfg.data``; write ``metrics.json`` and the report."""
-    if cfg.split not in SPLITS:
-        raise ValueError(f"split must be one of {SPLITS}, not {cfg.split!r}")
+    check_ranges(cfg, EVAL_RULES, EVAL_CHOICES)
     ckpt = Path(cfg.ckpt_path).expanduser()
-    if not ckpt.is_file():
-        raise FileNotFoundError(f"ckpt_path {ckpt} does not exist")
+    # weights and plain settings only: compile and other code-execution settings never come from the file
     model = TileClassifier.load_from_checkpoint(ckpt, map_location="cpu")
     spec = model.input_spec
     resplit = bool(cfg.get("resplit")) or spec.split is None
@@ -49,7 +50,10 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     log.info("evaluating on the %s split of %s (%s, digest %s)", cfg.split, source, split.kind, split.digest)
     trainer = build_trainer(cfg)
     # through the datamodule: its collation and bad-tile policy apply as in training
-    results = trainer.test(model, datamodule=datamodule, verbose=False)
+    try:
+        results = trainer.test(model, datamodule=datamodule, verbose=False)
+    except SIGTERMException:  # Lightning's, a SystemExit with status 0: the evaluation would look finished
+        raise RunInterrupted("stopped by SIGTERM while evaluating; no metrics written: run deforest-eval again") from None
     output_dir = Path(cfg.paths.output_dir)
     metrics: dict[str, Any] = {
         "checkpoint": str(ckpt), "data_root": str(cfg.data.root), "split": cfg.split,
@@ -69,7 +73,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
 @checked_overrides("eval")
 @hydra.main(version_base="1.3", config_path=CONFIG_PATH, config_name="eval")
 def main(cfg: DictConfig) -> None:
-    with exit_on_user_error():
+    with exit_on_user_error(), run_dir_lock(cfg.paths.output_dir):
         use_cpu_settings(cfg.trainer)
         metrics = evaluate(cfg)
     log.info("metrics: %s", headline_metrics(metrics, cfg.split))

@@ -11,7 +11,7 @@ from omegaconf import DictConfig, OmegaConf
 from deforest.cli.errors import exit_on_user_error
 from deforest.cli.overrides import checked_overrides
 from deforest.cli.train import CONFIG_PATH
-from deforest.config_checks import PREDICT_RULES, check_ranges
+from deforest.config_checks import PREDICT_RULES, ConfigError, check_ranges
 from deforest.predict import load_classifier, predict_scene, predict_tiles, resolve_device
 from deforest.scene import Scene
 
@@ -22,7 +22,7 @@ def predict(cfg: DictConfig) -> dict[str, object]:
     """Run the configured prediction; returns a summary of what was written."""
     check_ranges(cfg, PREDICT_RULES)
     if (cfg.get("scene") is None) == (cfg.get("tiles") is None):
-        raise ValueError("give exactly one of scene=PATH (a map) or tiles=DIR (a CSV)")
+        raise ConfigError("give exactly one of scene=PATH (a map) or tiles=DIR (a CSV)")
     model, spec = load_classifier(cfg.ckpt_path, resolve_device(cfg.device))
     if cfg.get("tile_size") and [cfg.tile_size] * 2 != spec.tile_size:
         log.warning("tile_size=%d overrides the checkpoint's %s", cfg.tile_size, spec.tile_size)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import json
 import logging
 from pathlib import Path
@@ -9,18 +10,29 @@ from typing import Any
 
 import hydra
 import lightning.pytorch as pl
+from hydra.utils import get_method
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig
 
 from deforest.build import build_datamodule, build_model, build_trainer, use_cpu_settings
-from deforest.checkpoints import checkpoint_epoch
+from deforest.callbacks import SaveOnSigterm
+from deforest.checkpoints import checkpoint_epoch, checkpoint_problem
 from deforest.cli.errors import exit_on_user_error
 from deforest.cli.overrides import checked_overrides
-from deforest.config_checks import TRAIN_RULES, check_ranges
+from deforest.config_checks import (
+    TRAIN_RULES,
+    ConfigError,
+    choice_problems,
+    epoch_limit_problems,
+    range_problems,
+    train_choices,
+)
 from deforest.contract import InputSpec
 from deforest.datamodule import TileDataModule
 from deforest.module import TileClassifier
 from deforest.hydra_ddp import ddp_children_join_this_job
 from deforest.report import report_on_split
+from deforest.safety import CheckpointError, RunInterrupted, run_dir_lock
 from deforest.transforms import AugmentationError
 from deforest.weights import WeightsError
 
@@ -29,22 +41,55 @@ log = logging.getLogger(__name__)
 CONFIG_PATH = "pkg://deforest.conf"
 
 
+def check_train_config(cfg: DictConfig) -> None:
+    """Every out-of-range or misspelt value at once, before any file is read (:class:`ConfigError`);
+    a loud warning for a run without an epoch limit."""
+    problems = range_problems(cfg, TRAIN_RULES) + choice_problems(cfg, train_choices()) + epoch_limit_problems(cfg)
+    unbounded = cfg.trainer.get("max_epochs") == -1 and cfg.trainer.get("max_steps") in (None, -1)
+    scheduler = cfg.model.get("scheduler")
+    if unbounded and scheduler and scheduler.get("_target_"):
+        try:
+            params = inspect.signature(get_method(scheduler._target_)).parameters
+        except Exception:  # an unimportable target fails where it is built, naming itself
+            params = {}
+        planned = [name for name in ("total_steps", "T_max") if name in params and scheduler.get(name) is None]
+        if planned:
+            problems.append(
+                f"trainer.max_epochs=-1 (no limit) leaves model.scheduler ({scheduler._target_.rsplit('.', 1)[-1]}) "
+                f"no {planned[0]} to plan for: set trainer.max_steps, or model.scheduler=null"
+            )
+    if problems:
+        raise ConfigError("invalid config: " + "; ".join(problems))
+    if unbounded:
+        log.warning(
+            "trainer.max_epochs=-1: NO EPOCH LIMIT. This run trains until it is stopped (SIGTERM or Ctrl-C; "
+            "SIGTERM saves last.ckpt) or until trainer.max_steps; set trainer.max_epochs=N for a run that ends"
+        )
+
+
 def train(cfg: DictConfig) -> dict[str, float]:
     """Fit, test the best checkpoint and write the run's records; returns the metrics."""
-    check_ranges(cfg, TRAIN_RULES)
+    check_train_config(cfg)
     use_cpu_settings(cfg.trainer)
     if cfg.get("seed") is not None:
         pl.seed_everything(cfg.seed, workers=True)
     output_dir = Path(cfg.paths.output_dir)
+    ckpt_path = resume_path(cfg.get("ckpt_path"), output_dir)
     datamodule = build_datamodule(cfg.data)
     datamodule.setup("fit")
     model = build_model(cfg.model, cfg.loss, datamodule, cfg.get("tune_thresholds"))
     trainer = build_trainer(cfg)
-    trainer.fit(model, datamodule=datamodule, ckpt_path=resume_path(cfg.get("ckpt_path"), output_dir))
+    try:
+        trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path)
+    except SIGTERMException:  # Lightning's, a SystemExit with status 0: the run would look finished
+        raise _interrupted(trainer, "training") from None
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
     if cfg.get("test"):
         best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
-        results = trainer.test(model, datamodule=datamodule, ckpt_path=best or None, verbose=False)
+        try:
+            results = trainer.test(model, datamodule=datamodule, ckpt_path=best or None, verbose=False)
+        except SIGTERMException:
+            raise _interrupted(trainer, "testing") from None
         metrics.update({k: float(v) for k, v in results[0].items()})
         metrics["best_checkpoint"] = best
         if trainer.is_global_zero and cfg.report.enabled:
@@ -62,15 +107,44 @@ def _data_source(cfg: DictConfig) -> str:
     return str(cfg.data.get("packed") or cfg.data.root)
 
 
+def _interrupted(trainer: pl.Trainer, stage: str) -> RunInterrupted:
+    saved = next((c.saved for c in trainer.callbacks if isinstance(c, SaveOnSigterm) and c.saved), None)
+    where = f"saved {saved}" if saved else "last.ckpt as of the last save"
+    return RunInterrupted(
+        f"stopped by SIGTERM while {stage} at global step {trainer.global_step}; {where}. Resume with the same "
+        f"overrides plus hydra.run.dir={trainer.default_root_dir} ckpt_path=auto"
+    )
+
+
 def resume_path(ckpt_path: str | None, output_dir: Path) -> str | None:
-    """``ckpt_path=auto``: resume from this run directory's ``last.ckpt`` when there is one,
-    so rerunning a killed job with the same ``hydra.run.dir`` continues it."""
+    """The checkpoint to resume from, checked readable before any file is indexed.
+
+    ``ckpt_path=auto``: this run directory's newest readable checkpoint (``last.ckpt``, or
+    when that one is truncated the newest other one, said in a warning), so rerunning a killed
+    job with the same ``hydra.run.dir`` continues it; none there: a fresh start. A named
+    checkpoint that cannot be read is a :class:`CheckpointError`.
+    """
+    if ckpt_path is None:
+        return None
     if ckpt_path != "auto":
-        return ckpt_path
-    last = output_dir / "checkpoints" / "last.ckpt"
-    if last.is_file():
-        log.info("ckpt_path=auto: resuming from %s", last)
-        return str(last)
+        problem = checkpoint_problem(ckpt_path)
+        if problem is not None:
+            raise problem
+        return str(ckpt_path)
+    folder = output_dir / "checkpoints"
+    candidates = sorted(folder.glob("*.ckpt"), key=lambda p: (p.stat().st_mtime_ns, p.name == "last.ckpt"), reverse=True)
+    unreadable = []
+    for candidate in candidates:
+        problem = checkpoint_problem(candidate)
+        if problem is None:
+            if unreadable:
+                log.warning("ckpt_path=auto: %s; resuming from %s instead", "; ".join(unreadable), candidate)
+            else:
+                log.info("ckpt_path=auto: resuming from %s", candidate)
+            return str(candidate)
+        unreadable.append(str(problem))
+    if unreadable:
+        raise CheckpointError(folder, f"ckpt_path=auto found no readable checkpoint ({'; '.join(unreadable)})")
     return None
 
 
@@ -124,7 +198,7 @@ def _write_records(
 @checked_overrides("train")
 @hydra.main(version_base="1.3", config_path=CONFIG_PATH, config_name="train")
 def main(cfg: DictConfig) -> float | None:
-    with exit_on_user_error(AugmentationError, WeightsError), ddp_children_join_this_job():
+    with exit_on_user_error(AugmentationError, WeightsError), ddp_children_join_this_job(), run_dir_lock(cfg.paths.output_dir):
         metrics = train(cfg)
     objective = cfg.get("optimized_metric")
     return metrics.get(objective) if objective else None
