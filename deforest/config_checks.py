@@ -68,11 +68,11 @@ class ConfigError(ValueError):
 def train_choices() -> tuple[Choice, ...]:
     """The named options of ``deforest-train`` (imports the modules that define them)."""
     from deforest.losses import NORMALIZATIONS, SCHEMES
-    from deforest.metrics import TUNING_BETAS
-    from deforest.models import BACKBONES
+    from deforest.thresholds import TUNING_BETAS
+    from deforest.models import backbone_names
 
     return (
-        ("model.backbone", BACKBONES),
+        ("model.backbone", backbone_names()),
         ("model.task", ("multiclass", "multilabel", None)),
         ("model.nonfinite_loss", ("error", "skip")),
         ("model.scheduler_interval", ("step", "epoch")),
@@ -118,7 +118,8 @@ def choice_problems(cfg: DictConfig, choices: Sequence[Choice]) -> list[str]:
         hint = difflib.get_close_matches(str(value), [str(a) for a in names], n=1)
         suggestion = f" (did you mean {hint[0]!r}?)" if hint else ""
         nullable = " or null" if None in allowed else ""
-        problems.append(f"{key}={value!r} must be one of {names}{nullable}{suggestion}")
+        shown = names if len(names) <= 12 else [*names[:12], f"... ({len(names)} in all)"]
+        problems.append(f"{key}={value!r} must be one of {shown}{nullable}{suggestion}")
     return problems
 
 

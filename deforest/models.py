@@ -126,6 +126,15 @@ def build_backbone(
     return nn.Sequential(nn.AvgPool2d(input_pool), net) if input_pool > 1 else net
 
 
+def backbone_names() -> tuple[str, ...]:
+    """Every valid ``model.backbone``: this project's networks, then timm's models when timm is installed."""
+    try:
+        import timm
+    except ImportError:
+        return tuple(BACKBONES)
+    return (*BACKBONES, *timm.list_models())
+
+
 def _timm_network(
     name: str, in_channels: int, num_classes: int, dropout: float, image_size: tuple[int, int] | None, input_pool: int
 ) -> nn.Module:
