@@ -154,7 +154,7 @@ def build_trainer(cfg: DictConfig) -> pl.Trainer:
     output (rich bar on a terminal, log lines otherwise)."""
     options = trainer_options(cfg)
     progress, show_bar = progress_callbacks(options.get("enable_progress_bar", True))
-    unfreeze_at = cfg.model.get("unfreeze_backbone_at_epoch")
+    unfreeze_at = cfg.model.get("unfreeze_backbone_at_epoch") if "model" in cfg else None
     finetuning = [BackboneFinetuning(unfreeze_at)] if unfreeze_at is not None else []
     return instantiate(
         options,

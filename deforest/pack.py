@@ -47,6 +47,8 @@ PACK_VERSION = 2
 TILES, INDEX, TARGETS, STATS, LOCK = "tiles.npy", "index.json", "targets.npy", "stats.npy", ".pack.lock"
 #: where an unfinished pack keeps its plan and one marker per finished shard
 PROGRESS = ".progress"
+#: headers read to decide the dataset's dtype and pixel size, as the datamodule does
+REFERENCE_SAMPLE = 32
 #: source dtypes stored as they are; float32 holds these exactly, so reading back is lossless
 NATIVE_DTYPES = frozenset({"uint8", "int8", "uint16", "int16"})
 _TORCH_DTYPES = {"uint8": torch.uint8, "int8": torch.int8, "uint16": torch.uint16, "int16": torch.int16,
@@ -168,7 +170,10 @@ def _pack_locked(
             shape = tuple(existing["shape"])
             return PackResult(out, shape[0], shape, existing["dtype"], written=False)
 
-    header = read_header(layout.header_source(index.sources[0]))
+    from deforest.validation import reference_header  # validation reads packs too
+
+    # the dataset's dtype and pixel size, decided as the datamodule decides them
+    header = reference_header([read_header(layout.header_source(s)) for s in index.sources[:REFERENCE_SAMPLE]])
     sample = layout.read(index.sources[0], None)
     dtype = header.dtype if header.dtype in NATIVE_DTYPES else "float32"
     shape = (len(index), *sample.shape)
@@ -177,7 +182,7 @@ def _pack_locked(
     work = out / PROGRESS
     done = _resume_or_start(out, work, plan)
     todo = [s for s in shards if not (work / _marker(s)).is_file()]
-    job = _ShardJob(layout, str(out), index.sources, dtype, shape, header.nodata)
+    job = _ShardJob(layout, str(out), index.sources, dtype, shape, header.nodata, header)
     try:
         _run_shards(job, todo, num_workers, len(index), len(index) - sum(b - a for a, b in todo), progress)
     except TileError:
@@ -251,6 +256,8 @@ class _ShardJob:
     dtype: str
     shape: tuple[int, ...]
     nodata: float | None
+    #: the dataset's header: each tile is checked against it as the datamodule does
+    reference: RasterHeader
 
     def __call__(self, shard: tuple[int, int]) -> tuple[int, tuple[str, str] | None]:
         """Write rows ``shard[0]:shard[1]``; returns the row count and a bad tile's (path, problem)."""
@@ -261,8 +268,10 @@ class _ShardJob:
         for row in range(start, stop):
             source = self.sources[row]
             try:
-                from deforest.validation import valid_pixels  # validation reads packs too
+                from deforest.validation import check_header, valid_pixels  # validation reads packs too
 
+                header_file = self.layout.header_source(source)
+                check_header(header_file, read_header(header_file), self.reference)
                 image, nodata = self.layout.read_with_nodata(source, None)
                 _same_nodata(source, nodata, self.nodata)
                 _check_tile(source, image, self.shape[1:], valid_pixels(image, nodata))

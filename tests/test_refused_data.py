@@ -218,15 +218,13 @@ def test_each_tile_own_nodata_is_honoured(eurosat_root, tmp_path):
     image, valid = owner.read_valid(i)
     np.testing.assert_array_equal(valid, ~holes)  # its own nodata, not the first tile's
     filled = owner.read(i)
-    assert np.allclose(filled[holes.any(axis=0)[None].repeat(13, 0)].reshape(13, -1).T, np.expm1(dm.band_mean))
+    assert np.allclose(filled[holes.any(axis=0)[None].repeat(13, 0)].reshape(13, -1).T, dm.input_spec.fill)
     (owner, i), = [(d, d.sources.index(str(forest[-1]))) for d in dm.datasets.values() if str(forest[-1]) in d.sources]
     image, valid = owner.read_valid(i)
     assert valid.all() and (image[:, 8:24, 8:24] == 0).all()  # 0 is a value there, 65535 would be nodata
-    # packing keeps each tile's nodata too
-    pack_dataset(FolderLayout(root), tmp_path / "pack")
-    packed = PackedLayout(tmp_path / "pack", FolderLayout(root))
-    assert packed.read_with_nodata(str(river[0]), None)[1] == [0.0] * 13
-    assert packed.read_with_nodata(str(forest[0]), [1, 2])[1] == [None, None]
+    # a pack holds one nodata value: packing refuses the tile that declares another, naming it
+    with pytest.raises(TileError, match=r"(River|Forest)_\d+\.tif: declares nodata \[(0|65535)\.0, .*the dataset's first tile None"):
+        pack_dataset(FolderLayout(root), tmp_path / "pack")
 
 
 def test_nodata_declared_in_an_aux_xml_sidecar_is_honoured(eurosat_root, tmp_path):

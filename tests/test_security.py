@@ -23,6 +23,7 @@ import numpy as np
 import pytest
 import torch
 
+from deforest.contract import untrained_spec
 from deforest.module import TileClassifier
 from deforest.safety import CheckpointError
 
@@ -32,19 +33,24 @@ CLASSES = ["Forest", "River"]
 
 def _untrained(path: Path) -> Path:
     """A real checkpoint of an untrained classifier for the EuroSAT sample's Forest/River tiles."""
-    model = TileClassifier(
-        "multiclass", CLASSES, band_mean=[7.0] * 13, band_std=[1.0] * 13, bands=list(range(1, 14)),
-        tile_size=[64, 64], source_band_count=13, width=8, tta=False, band_statistics=False,
-    )
+    spec = untrained_spec("multiclass", CLASSES, 13, 64)
+    model = TileClassifier(spec, width=8, tta=False, band_statistics=False)
     trainer = pl.Trainer(logger=False, enable_checkpointing=False, accelerator="cpu", enable_progress_bar=False)
     trainer.strategy.connect(model)
     trainer.save_checkpoint(path)
     return path
 
 
-def _craft(src: Path, dest: Path, **hparams) -> Path:
+def _craft(src: Path, dest: Path, spec: dict | None = None, **hparams) -> Path:
+    """``src`` with ``hparams`` set, and ``spec`` keys set in its saved input contract."""
     checkpoint = torch.load(src, map_location="cpu", weights_only=True)
     checkpoint["hyper_parameters"].update(hparams)
+    for key, value in (spec or {}).items():
+        node = checkpoint["hyper_parameters"]["input_spec"]
+        *parents, last = key.split(".")
+        for parent in parents:
+            node = node[parent]
+        node[last] = value
     torch.save(checkpoint, dest)
     torch.load(dest, map_location="cpu", weights_only=True)  # plain data only: weights_only lets it through
     return dest
@@ -123,9 +129,10 @@ def test_loading_takes_no_code_execution_setting_from_the_file(crafted, caplog):
     [
         ({"loss": {"scheme": "none", "criterion": {"_target_": "os.system", "command": "touch PWNED"}}},
          r"hyper-parameter loss\.criterion names code to run \(_target_="),
-        ({"class_names": ["Forest", {"class_path": "os.system"}]}, r"hyper-parameter class_names\[1\] names code to run"),
-        ({"band_mean": [float("nan")] * 13}, r"band_mean holds nan"),
-        ({"thresholds": [2.0, 0.5]}, r"thresholds holds 2\.0"),
+        ({"spec": {"class_names": ["Forest", {"class_path": "os.system"}]}},
+         r"hyper-parameter input_spec\.class_names\[1\] names code to run"),
+        ({"spec": {"normalization.mean": [float("nan")] * 13}}, r"normalisation mean holds nan"),
+        ({"spec": {"thresholds": [2.0, 0.5]}}, r"thresholds holds 2\.0"),
     ],
     ids=["target-in-loss", "class-path", "nan-statistics", "threshold-out-of-range"],
 )
@@ -184,7 +191,7 @@ def test_pack_with_object_array_is_refused_not_unpickled(eurosat_root, tmp_path)
     pack_dataset(FolderLayout(root), tmp_path / "pack")
     np.save(tmp_path / "pack" / "tiles.npy", np.array([subprocess.Popen] * 3, dtype=object), allow_pickle=True)
     with pytest.raises(DatasetError, match=r"tiles\.npy: not a pack array \(.*"):
-        PackedLayout(tmp_path / "pack", FolderLayout(root))
+        PackedLayout(tmp_path / "pack")
 
 
 def test_compare_does_not_resolve_interpolations_from_run_dirs(tmp_path, monkeypatch):
@@ -199,5 +206,5 @@ def test_compare_does_not_resolve_interpolations_from_run_dirs(tmp_path, monkeyp
         (run / ".hydra" / "config.yaml").write_text(json.dumps({"loss": {"scheme": scheme, "normalize": "mean"}}))
         (run / "metrics.json").write_text(json.dumps({"test/f1_macro": 0.5, "test/accuracy": 0.5, "test/recall/a": 1.0}))
         (run / "class_distribution.json").write_text(json.dumps({"train": {"a": 3}}))
-    table, _ = compare_runs([tmp_path / "multirun"], rare_k=1)
+    table, _, _ = compare_runs([tmp_path / "multirun"], rare_k=1)
     assert "hunter2" not in table.to_csv() and "${oc.env:DEFOREST_TEST_SECRET}" in set(table["loss.scheme"])

@@ -163,8 +163,9 @@ def test_corrupt_stats_cache_is_recomputed_with_a_warning(eurosat_root, tmp_path
     with caplog.at_level(logging.WARNING):
         again.setup()
     assert f"stats cache {cached} is corrupt (" in caplog.text and "recomputing it" in caplog.text
-    assert again.band_mean == pytest.approx(first.band_mean) and again.band_std == pytest.approx(first.band_std)
-    assert json.loads(cached.read_text())["mean"] == pytest.approx(first.band_mean)  # rewritten whole
+    norm, norm_first = again.input_spec.normalization, first.input_spec.normalization
+    assert norm.mean == pytest.approx(norm_first.mean) and norm.std == pytest.approx(norm_first.std)
+    assert json.loads(cached.read_text())["mean"] == pytest.approx(norm_first.mean)  # rewritten whole
 
 
 STARTER = """
@@ -179,7 +180,7 @@ while not go.exists():
 dm = TileDataModule(FolderLayout(root), val_fraction=0.2, cache_dir=str(cache))
 dm.setup()
 result = pack_dataset(FolderLayout(root), pack)
-out.write_text(json.dumps({"mean": dm.band_mean, "tiles": result.tiles}))
+out.write_text(json.dumps({"mean": dm.input_spec.normalization.mean, "tiles": result.tiles}))
 """
 
 
