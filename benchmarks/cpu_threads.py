@@ -31,6 +31,8 @@ from pathlib import Path
 import numpy as np
 import rasterio
 
+from deforest.safety import atomic_write_text
+
 REPO = Path(__file__).resolve().parents[1]
 SCENE = REPO / "data" / "scenes" / "rondonia-landsat8" / "LC08_232066_20190727.tif"
 EPOCH_LINE = re.compile(r"epoch \d+(?:/\d+)? done in ([0-9.]+) s")
@@ -158,9 +160,7 @@ def main() -> None:
                        "cores": cores(), "machine": platform.processor() or platform.machine(),
                        "python": platform.python_version(), "seconds": round(time.time() - started, 1)}
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = args.out.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(results, indent=2))
-    tmp.replace(args.out)
+    atomic_write_text(args.out, json.dumps(results, indent=2))
     print(table(results))
     print(f"wrote {args.out}")
 

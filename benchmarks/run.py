@@ -31,6 +31,8 @@ import numpy as np
 import rasterio
 from rasterio.transform import from_origin
 
+from deforest.safety import atomic_write_text
+
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 SAMPLE = REPO / "data" / "eurosat-ms"
@@ -300,9 +302,7 @@ def main() -> None:
         work.mkdir(parents=True, exist_ok=True)
         results = run(sizes, work)
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    partial = args.out.with_suffix(".tmp")
-    partial.write_text(json.dumps(results, indent=2))
-    partial.replace(args.out)
+    atomic_write_text(args.out, json.dumps(results, indent=2))
     print(table(results))
     print(f"\nwritten to {args.out}")
 
