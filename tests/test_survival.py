@@ -200,8 +200,9 @@ def test_processes_starting_at_once_never_clobber_cache_or_pack(eurosat_root, tm
     for entry in cache.iterdir():
         assert entry.suffix == ".json", entry  # no temporary file left
         json.loads(entry.read_text())
-    assert sorted(p.name for p in pack.iterdir()) == [".pack.lock", "index.json", "tiles.npy"]
-    layout = PackedLayout(pack, FolderLayout(root))
+    # one complete pack: no partial file or progress folder of another packer left behind
+    assert sorted(p.name for p in pack.iterdir()) == [".pack.lock", "index.json", "stats.npy", "targets.npy", "tiles.npy"]
+    layout = PackedLayout(pack)
     index = layout.build_index()
     source = index.sources[7]
     assert np.array_equal(layout.read(source, None), FolderLayout(root).read(source, None))
