@@ -159,7 +159,6 @@ def main() -> None:
     results["_run"] = {"command": " ".join(sys.argv), "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(started)),
                        "cores": cores(), "machine": platform.processor() or platform.machine(),
                        "python": platform.python_version(), "seconds": round(time.time() - started, 1)}
-    args.out.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_text(args.out, json.dumps(results, indent=2))
     print(table(results))
     print(f"wrote {args.out}")

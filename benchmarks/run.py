@@ -301,7 +301,6 @@ def main() -> None:
         work = args.work or Path(tmp)
         work.mkdir(parents=True, exist_ok=True)
         results = run(sizes, work)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_text(args.out, json.dumps(results, indent=2))
     print(table(results))
     print(f"\nwritten to {args.out}")
