@@ -176,6 +176,7 @@ def _pack_cmd(root: Path, out: Path, run: Path) -> list[str]:
             "shard_tiles=16", f"hydra.run.dir={run}"]
 
 
+@pytest.mark.slow
 def test_killed_pack_resumes_to_identical_bytes(eurosat_root, tmp_path):
     root = tmp_path / "data"
     for copy in range(2):  # 540 tiles, 34 shards

@@ -49,6 +49,7 @@ def s3_pack(s3_bucket, tmp_path_factory) -> str:
     return url
 
 
+@pytest.mark.slow
 def test_s3_round_trip_serves_the_file_pixels(train_config, s3_pack):
     files = build_datamodule(train_config([]).data)
     remote = build_datamodule(train_config([f"data.packed={s3_pack}"]).data)
