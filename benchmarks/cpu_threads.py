@@ -3,7 +3,8 @@
 
 * ``concurrency``: the default experiment's epoch time alone (every core), then with one
   concurrent copy on the same cores, each copy with the default threads (every core each:
-  oversubscribed) and each with ``trainer.num_threads`` = cores / 2 (goal: <= 2.2x alone);
+  oversubscribed), first at libgomp's own spin count (before) and then at deforest's 1000
+  spins (``deforest.cli``), and each with ``trainer.num_threads`` = cores / 2 (goal: <= 2.2x alone);
 * ``small_tiles``: a manifest of 16 px Landsat tiles cut by ``deforest-tile`` from
   ``data/scenes/rondonia-landsat8`` (full grid, stride 8, labels from NDVI quartiles written as
   a label raster) with ``trainer.onednn`` true and false (goal: < 5 s per epoch on 2 idle cores);
@@ -37,6 +38,9 @@ REPO = Path(__file__).resolve().parents[1]
 SCENE = REPO / "data" / "scenes" / "rondonia-landsat8" / "LC08_232066_20190727.tif"
 EPOCH_LINE = re.compile(r"epoch \d+(?:/\d+)? done in ([0-9.]+) s")
 THREAD_VARIABLES = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "DEFOREST_NUM_THREADS")
+OPENMP_WAITING = ("GOMP_SPINCOUNT", "OMP_WAIT_POLICY")
+#: libgomp's own spin count (what a process gets without deforest.cli's default of 1000)
+LIBGOMP_SPIN = {"GOMP_SPINCOUNT": "300000"}
 
 
 def train_command(work: Path, name: str, overrides: list[str]) -> list[str]:
@@ -45,8 +49,9 @@ def train_command(work: Path, name: str, overrides: list[str]) -> list[str]:
             f"paths.cache_dir={work / 'cache'}", *overrides]
 
 
-def start(command: list[str]) -> subprocess.Popen:
-    env = {k: v for k, v in os.environ.items() if k not in THREAD_VARIABLES}  # threads come from the overrides
+def start(command: list[str], extra_env: dict[str, str]) -> subprocess.Popen:
+    # threads and OpenMP waiting come from the overrides and ``extra_env``
+    env = {k: v for k, v in os.environ.items() if k not in THREAD_VARIABLES + OPENMP_WAITING} | extra_env
     return subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
@@ -64,11 +69,12 @@ def median_epoch(seconds: list[float]) -> float:
     return statistics.median(seconds[1:] or seconds)
 
 
-def runs(work: Path, name: str, overrides: list[str], copies: int = 1) -> dict:
+def runs(work: Path, name: str, overrides: list[str], copies: int = 1, extra_env: dict[str, str] | None = None) -> dict:
     """``copies`` identical runs started together; the median epoch of each."""
-    processes = [start(train_command(work, f"{name}-{i}", overrides)) for i in range(copies)]
+    extra_env = extra_env or {}
+    processes = [start(train_command(work, f"{name}-{i}", overrides), extra_env) for i in range(copies)]
     per_copy = [epoch_seconds(p) for p in processes]
-    return {"overrides": overrides, "copies": copies, "epoch_seconds": per_copy,
+    return {"overrides": overrides, "env": extra_env, "copies": copies, "epoch_seconds": per_copy,
             "median_epoch_s": statistics.median(median_epoch(s) for s in per_copy)}
 
 
@@ -79,10 +85,15 @@ def cores() -> int:
 def concurrency(work: Path, base: list[str]) -> dict:
     half = max(1, cores() // 2)
     alone = runs(work, "alone", base)
+    alone_spin = runs(work, "alone-libgomp-spin", base, extra_env=LIBGOMP_SPIN)
+    shared_spin = runs(work, "two-libgomp-spin", base, copies=2, extra_env=LIBGOMP_SPIN)
     shared_default = runs(work, "two-default-threads", base, copies=2)
     shared_split = runs(work, "two-split-threads", [*base, f"trainer.num_threads={half}"], copies=2)
     return {
-        "alone": alone, "two_copies_default_threads": shared_default, "two_copies_split_threads": shared_split,
+        "alone": alone, "alone_libgomp_spin": alone_spin, "two_copies_libgomp_spin": shared_spin,
+        "two_copies_default_threads": shared_default, "two_copies_split_threads": shared_split,
+        "ratio_alone_libgomp_spin": alone_spin["median_epoch_s"] / alone["median_epoch_s"],
+        "ratio_libgomp_spin": shared_spin["median_epoch_s"] / alone_spin["median_epoch_s"],
         "ratio_default_threads": shared_default["median_epoch_s"] / alone["median_epoch_s"],
         "ratio_split_threads": shared_split["median_epoch_s"] / alone["median_epoch_s"], "goal": "<= 2.2",
     }
@@ -122,7 +133,11 @@ def table(results: dict) -> str:
     rows = ["| measure | median epoch (s) | ratio |", "|---|---|---|"]
     c = results["concurrency"]
     rows.append(f"| default experiment alone | {c['alone']['median_epoch_s']:.2f} | 1 |")
-    rows.append(f"| + one copy, default threads each | {c['two_copies_default_threads']['median_epoch_s']:.2f} | "
+    rows.append(f"| alone, libgomp's own spin (GOMP_SPINCOUNT=300000) | {c['alone_libgomp_spin']['median_epoch_s']:.2f} | "
+                f"{c['ratio_alone_libgomp_spin']:.2f} |")
+    rows.append(f"| + one copy, default threads, libgomp's own spin (before) | "
+                f"{c['two_copies_libgomp_spin']['median_epoch_s']:.2f} | {c['ratio_libgomp_spin']:.2f} (goal {c['goal']}) |")
+    rows.append(f"| + one copy, default threads each (after: 1000 spins) | {c['two_copies_default_threads']['median_epoch_s']:.2f} | "
                 f"{c['ratio_default_threads']:.2f} (goal {c['goal']}) |")
     rows.append(f"| + one copy, trainer.num_threads={max(1, cores() // 2)} each | "
                 f"{c['two_copies_split_threads']['median_epoch_s']:.2f} | {c['ratio_split_threads']:.2f} (goal {c['goal']}) |")
@@ -137,7 +152,7 @@ def table(results: dict) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="2 short epochs of a narrow model (checks the script)")
-    parser.add_argument("--epochs", type=int, default=4)
+    parser.add_argument("--epochs", type=int, default=8)
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "cpu_threads.json")
     parser.add_argument("--work", type=Path, help="keep the tiles and runs here (default: a temporary folder)")
     args = parser.parse_args()

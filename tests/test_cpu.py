@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -32,6 +34,19 @@ def test_threads_come_from_the_setting_then_the_variables_then_the_affinity_mask
 def _hydra_config(overrides: list[str]):
     with initialize_config_module(config_module="deforest.conf", version_base="1.3"):
         return compose("train", overrides=overrides, return_hydra_config=True)
+
+
+@pytest.mark.parametrize(
+    ("given", "expected"),
+    [({}, "1000"), ({"GOMP_SPINCOUNT": "300000"}, "300000"), ({"OMP_WAIT_POLICY": "PASSIVE"}, None)],
+)
+def test_entry_points_cap_openmp_spinning_before_torch_loads_unless_the_user_chose(given, expected):
+    # a fresh process, as a console script starts (deforest.cli.<command> imports deforest.cli
+    # first): the variable is set while torch, and with it libgomp, is not loaded yet
+    env = {k: v for k, v in os.environ.items() if k not in ("GOMP_SPINCOUNT", "OMP_WAIT_POLICY")} | given
+    code = "import sys, os; import deforest.cli; print(os.environ.get('GOMP_SPINCOUNT')); print('torch' not in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout.split()
+    assert out == [str(expected), "True"]
 
 
 def test_a_parallel_local_multirun_divides_the_cores(monkeypatch):
