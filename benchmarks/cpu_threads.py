@@ -32,13 +32,13 @@ from pathlib import Path
 import numpy as np
 import rasterio
 
+from deforest.cli import OPENMP_WAIT_VARIABLES
+from deforest.cpu import THREAD_VARIABLES
 from deforest.safety import atomic_write_text
 
 REPO = Path(__file__).resolve().parents[1]
 SCENE = REPO / "data" / "scenes" / "rondonia-landsat8" / "LC08_232066_20190727.tif"
 EPOCH_LINE = re.compile(r"epoch \d+(?:/\d+)? done in ([0-9.]+) s")
-THREAD_VARIABLES = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "DEFOREST_NUM_THREADS")
-OPENMP_WAITING = ("GOMP_SPINCOUNT", "OMP_WAIT_POLICY")
 #: libgomp's own spin count (what a process gets without deforest.cli's default of 1000)
 LIBGOMP_SPIN = {"GOMP_SPINCOUNT": "300000"}
 
@@ -51,7 +51,7 @@ def train_command(work: Path, name: str, overrides: list[str]) -> list[str]:
 
 def start(command: list[str], extra_env: dict[str, str]) -> subprocess.Popen:
     # threads and OpenMP waiting come from the overrides and ``extra_env``
-    env = {k: v for k, v in os.environ.items() if k not in THREAD_VARIABLES + OPENMP_WAITING} | extra_env
+    env = {k: v for k, v in os.environ.items() if k not in THREAD_VARIABLES + OPENMP_WAIT_VARIABLES} | extra_env
     return subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 

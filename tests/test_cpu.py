@@ -14,6 +14,7 @@ from omegaconf import OmegaConf
 from torch.profiler import ProfilerActivity, profile
 
 from deforest.build import use_cpu_settings
+from deforest.cli import OPENMP_WAIT_VARIABLES
 from deforest.cli.train import train
 from deforest.cpu import ShareCoresBetweenJobs, parallel_jobs, resolve_threads, use_onednn
 
@@ -43,7 +44,7 @@ def _hydra_config(overrides: list[str]):
 def test_entry_points_cap_openmp_spinning_before_torch_loads_unless_the_user_chose(given, expected):
     # a fresh process, as a console script starts (deforest.cli.<command> imports deforest.cli
     # first): the variable is set while torch, and with it libgomp, is not loaded yet
-    env = {k: v for k, v in os.environ.items() if k not in ("GOMP_SPINCOUNT", "OMP_WAIT_POLICY")} | given
+    env = {k: v for k, v in os.environ.items() if k not in OPENMP_WAIT_VARIABLES} | given
     code = "import sys, os; import deforest.cli; print(os.environ.get('GOMP_SPINCOUNT')); print('torch' not in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout.split()
     assert out == [str(expected), "True"]
