@@ -18,6 +18,7 @@ import albumentations as A
 import lightning.pytorch as pl
 from lightning.fabric.utilities.seed import pl_worker_init_function
 import numpy as np
+import rasterio
 import torch
 from torch.utils.data import DataLoader, Dataset
 
@@ -32,6 +33,7 @@ from deforest.datasets import (
     describe_split_counts,
 )
 from deforest.io import RasterHeader, TileError, file_fingerprint, read_header, resolve_bands
+from deforest.batch_buffers import TORCH_DTYPES, BatchBuffers, batch_tensor
 from deforest.batch_transforms import PackedBatchTransform, collate_batches, is_device_d4
 from deforest.pack import PackedLayout, open_pack
 from deforest.splits import assign_splits, edge_tiles, imbalance_mask, restore_split, spatial_blocks, subset
@@ -41,6 +43,7 @@ from deforest.validation import (
     BadTiles,
     check_header,
     check_pixels,
+    collate_tiles,
     fill_nodata,
     reference_header,
     valid_pixels,
@@ -75,6 +78,7 @@ class TileDataset(Dataset):
         self.augment = augment
         self.nodata = nodata
         self.fill = fill
+        self.buffers = BatchBuffers()
 
     def __len__(self) -> int:
         return len(self.sources)
@@ -109,11 +113,52 @@ class TileDataset(Dataset):
         return {"image": torch.from_numpy(np.ascontiguousarray(image)), "target": target, "index": i}
 
     def __getitems__(self, indices: list[int]) -> dict | list[dict]:
-        """A pack without worker-side augmentation serves a whole batch in one gather
-        (stored dtype; see :mod:`deforest.batch_transforms`), other layouts one item per tile."""
-        if self.augment is None and isinstance(self.layout, PackedLayout):
-            return self.layout.gather(self.sources, indices, self.bands, self.targets)
+        """A whole batch in the stored dtype (see :mod:`deforest.batch_transforms`): a pack
+        without worker-side augmentation in one gather, files read into one batch tensor."""
+        if not isinstance(self.layout, PackedLayout):
+            return self.read_batch(indices)
+        if self.augment is None:
+            return self.layout.gather(self.sources, indices, self.bands, self.targets, self.buffers)
         return [self[i] for i in indices]
+
+    def read_batch(self, indices: list[int]) -> dict:
+        """Tiles read in their file dtype (float32 where nodata pixels were filled), augmented,
+        and copied once, into the batch tensor (shared memory in a worker); bad tiles ride along
+        as ``batch["bad"]``."""
+        tiles, good, bad = [], [], []
+        with rasterio.Env():  # one GDAL environment for the batch, not one per open
+            for i in indices:
+                try:
+                    tiles.append(self._read_native(i))
+                    good.append(i)
+                except TileError as err:  # raised or counted in the main process, not in a worker
+                    bad.append((self.sources[i], err.path, err.problem))
+        if not tiles:
+            return collate_tiles([{"bad": b} for b in bad])
+        dtypes = {t.dtype for t in tiles}
+        dtype = dtypes.pop() if len(dtypes) == 1 else np.dtype(np.float32)
+        image = batch_tensor((len(tiles), *tiles[0].shape), TORCH_DTYPES[dtype.name], self.buffers)
+        out = image.numpy()
+        for j, tile in enumerate(tiles):
+            out[j] = tile
+        index = torch.as_tensor(good, dtype=torch.long)
+        return {"image": image, "target": torch.as_tensor(self.targets[good]), "index": index, "bad": bad}
+
+    def _read_native(self, i: int) -> np.ndarray:
+        """One tile, checked, filled and augmented, as ``[C, H, W]`` (possibly a strided view)."""
+        source = self.sources[i]
+        image, nodata = self.layout.read_with_nodata(source, self.bands, native=True)
+        if image.dtype.name not in TORCH_DTYPES:  # int32, float64, ...: as float32, as before
+            image = image.astype(np.float32)
+        if self.nodata is not None:
+            nodata = self.nodata
+        valid = valid_pixels(image, nodata)
+        check_pixels(source, image, valid)
+        if self.fill is not None and valid is not None and not valid.all():
+            image = fill_nodata(image.astype(np.float32), valid, self.fill)
+        if self.augment is not None:
+            image = self.augment(image=image.transpose(1, 2, 0))["image"].transpose(2, 0, 1)
+        return image
 
 
 class TileDataModule(pl.LightningDataModule):
@@ -298,10 +343,14 @@ class TileDataModule(pl.LightningDataModule):
             augment.set_random_seed(self.seed)  # albumentations ignores the global seed
         if self.device_flips and self.tile_size[0] != self.tile_size[1]:
             raise ValueError(f"data.device_flips needs square tiles, these are {self.tile_size[0]}x{self.tile_size[1]}")
-        if isinstance(self.layout, PackedLayout):
-            self.batch_transform = PackedBatchTransform(self.nodata, self.input_spec.fill)
-            if augment is not None and is_device_d4(self.augment_transforms):
-                augment, self.device_flips = None, True  # one gather per batch, D4 on the device
+        # batches arrive in the stored dtype; a pack's nodata is filled on the device too (file
+        # tiles, each with its own nodata, are filled as they are read)
+        packed = isinstance(self.layout, PackedLayout)
+        self.batch_transform = PackedBatchTransform(self.nodata if packed else None, self.input_spec.fill)
+        if augment is not None and is_device_d4(self.augment_transforms) and self.tile_size[0] == self.tile_size[1]:
+            # D4 of whole batches on the device: albumentations' per-tile call costs about
+            # 190 us, a fifth of reading a EuroSAT file (benchmarks/README.md)
+            augment, self.device_flips = None, True
         for split in SPLITS:
             rows = [i for i, a in enumerate(assignment) if a == split]
             self.datasets[split] = TileDataset(
@@ -314,6 +363,9 @@ class TileDataModule(pl.LightningDataModule):
             )
         counts = {s: len(d) for s, d in self.datasets.items()}
         log.info("%d tiles, %d classes, bands %s, splits %s", len(index), index.num_classes, self.bands, counts)
+        if self.gathers_in_process and self.num_workers > 0:
+            log.info("data.packed: batches are gathered in the main process (one copy each); "
+                     "data.num_workers=%d is not used for a local pack", self.num_workers)
 
     def _resolve_bands(self) -> list[int]:
         """The configured bands, or the checkpoint's (which must fit these files)."""
@@ -550,15 +602,18 @@ class TileDataModule(pl.LightningDataModule):
                               persistent_workers=self.num_workers > 0, collate_fn=collate_batches,
                               # fsspec's and zarr's event loops do not survive a fork
                               multiprocessing_context="spawn" if self.num_workers > 0 else None)
+        # a local pack's batch is one copy from the page cache in this process; a worker would
+        # add a second one through shared memory (benchmarks/README.md, packed_vs_memcpy)
+        workers = 0 if self.gathers_in_process else self.num_workers
         return DataLoader(
             dataset,
             batch_size=self.batch_size,
             shuffle=shuffle,
             # A last training batch of one sample breaks batch norm; drop the remainder.
             drop_last=shuffle and len(dataset) > self.batch_size,
-            num_workers=self.num_workers,
+            num_workers=workers,
             pin_memory=self.pin_memory,
-            persistent_workers=self.persistent_workers,
+            persistent_workers=self.persistent_workers and workers > 0,
             collate_fn=collate_batches,
             worker_init_fn=_seed_worker,
         )
@@ -569,6 +624,14 @@ class TileDataModule(pl.LightningDataModule):
         if self.device_flips and self.trainer is not None and self.trainer.training:
             batch = {**batch, "image": random_d4(batch["image"])}
         return batch
+
+    @property
+    def gathers_in_process(self) -> bool:
+        """Batches of a local pack are gathered whole in the main process (``num_workers`` is
+        for files and object stores); with worker-side augmentation they are read per tile."""
+        train = self.datasets.get("train")
+        return isinstance(self.layout, PackedLayout) and getattr(self.layout, "stream", None) is None and (
+            train is None or train.augment is None)
 
     def train_dataloader(self) -> DataLoader:
         return self._loader("train", shuffle=True)

@@ -93,14 +93,17 @@ class TileLayout(ABC):
         """Read one sample as float32 ``[C, H, W]`` (``bands`` 1-based)."""
         return read_raster(source, bands)
 
-    def read_with_nodata(self, source: str, bands: Sequence[int] | None) -> tuple[np.ndarray, list[float | None]]:
+    def read_with_nodata(
+        self, source: str, bands: Sequence[int] | None, native: bool = False
+    ) -> tuple[np.ndarray, list[float | None]]:
         """:meth:`read` and the nodata value each read band's own file declares (``None``: none).
 
         Every tile's own nodata counts, not the first tile's: tiles of one dataset may
-        declare different values, or some none at all.
+        declare different values, or some none at all. ``native``: the stored dtype where
+        the layout reads files itself (float32 otherwise).
         """
         if type(self).read is TileLayout.read:
-            return read_tile(source, bands)  # one open for both
+            return read_tile(source, bands, native=native)  # one open for both
         image = self.read(source, bands)  # a layout with its own reader: its header tells the nodata
         values = read_header(self.header_source(source)).nodatavals
         chosen = list(bands) if bands is not None else list(range(1, image.shape[0] + 1))
@@ -488,12 +491,14 @@ class BigEarthNetLayout(TileLayout):
     def read(self, source: str, bands: Sequence[int] | None) -> np.ndarray:
         return self.read_with_nodata(source, bands)[0]
 
-    def read_with_nodata(self, source: str, bands: Sequence[int] | None) -> tuple[np.ndarray, list[float | None]]:
+    def read_with_nodata(
+        self, source: str, bands: Sequence[int] | None, native: bool = False
+    ) -> tuple[np.ndarray, list[float | None]]:
         """The patch's bands on one grid, each with the nodata value of its own band file."""
         patch = Path(source)
         chosen = [self.band_names[i - 1] for i in bands] if bands else self.band_names
         shape = (self.size, self.size)
-        read = [read_tile(self._band_file(patch, b), [1], shape) for b in chosen]
+        read = [read_tile(self._band_file(patch, b), [1], shape, native=native) for b in chosen]
         return np.concatenate([image for image, _ in read]), [nodata[0] for _, nodata in read]
 
     def header_source(self, source: str) -> str:

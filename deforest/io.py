@@ -15,6 +15,7 @@ import numpy as np
 import rasterio
 from rasterio.enums import Interleaving, Resampling
 from rasterio.errors import RasterioError
+from rasterio.io import DatasetReader
 
 # GDAL would list the whole directory on every open to look for sidecar files; on a folder
 # of thousands of tiles that dominates the read time. EMPTY_DIR also hides every sidecar, so
@@ -76,6 +77,9 @@ def open_raster(path: str | os.PathLike) -> rasterio.DatasetReader:
     if has_sidecar(path):
         with rasterio.Env(GDAL_DISABLE_READDIR_ON_OPEN="TRUE"):
             return rasterio.open(path)
+    if rasterio.env.hasenv() and "://" not in os.fspath(path):  # in the caller's GDAL environment
+        # (a batch of reads): rasterio.open would set up one more for each file
+        return DatasetReader(os.fspath(path))
     return rasterio.open(path)
 
 
@@ -129,12 +133,15 @@ def read_tile(
     bands: Sequence[int] | None = None,
     out_shape: tuple[int, int] | None = None,
     resampling: Resampling = Resampling.bilinear,
+    native: bool = False,
 ) -> tuple[np.ndarray, list[float | None]]:
     """:func:`read_raster` and each read band's own nodata value (``None``: it declares none),
-    from one open of the file (its ``.aux.xml`` sidecar included)."""
-    _check_file(path)
+    from one open of the file (its ``.aux.xml`` sidecar included); ``native``: in the file's
+    dtype (a training batch travels as uint16 and becomes float32 on the device)."""
     try:
         with open_raster(path) as src:
+            if src.driver != "GTiff" and Path(path).suffix.lower() in TIFF_SUFFIXES:
+                _check_file(path)  # a .tif that is no TIFF is named as such
             if src.dtypes[0] not in SUPPORTED_DTYPES:
                 raise TileError(path, f"unsupported dtype {src.dtypes[0]}")
             indexes = list(bands) if bands is not None else list(range(1, src.count + 1))
@@ -146,8 +153,9 @@ def read_tile(
             data = src.read(indexes, out_shape=shape, resampling=resampling)
             nodata = [src.nodatavals[i - 1] for i in indexes]
     except READ_ERRORS as err:
+        _check_file(path)  # a missing, empty or non-TIFF file is named as such (checked only on failure)
         raise TileError(path, f"cannot be read as a raster ({_short(err)})") from None
-    return data.astype(np.float32, copy=False), nodata
+    return (data if native else data.astype(np.float32, copy=False)), nodata
 
 
 def resolve_bands(

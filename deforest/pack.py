@@ -38,6 +38,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from deforest.batch_buffers import TORCH_DTYPES, BatchBuffers, batch_tensor
 from deforest.datasets import DatasetError, TileIndex, TileLayout
 from deforest.io import RasterHeader, TileError, file_fingerprint, read_header
 
@@ -51,8 +52,6 @@ PROGRESS = ".progress"
 REFERENCE_SAMPLE = 32
 #: source dtypes stored as they are; float32 holds these exactly, so reading back is lossless
 NATIVE_DTYPES = frozenset({"uint8", "int8", "uint16", "int16"})
-_TORCH_DTYPES = {"uint8": torch.uint8, "int8": torch.int8, "uint16": torch.uint16, "int16": torch.int16,
-                 "float32": torch.float32}
 #: rows of ``stats.npy``
 N_VALID, SUM, SUM_SQ, LOG_SUM, LOG_SUM_SQ = range(5)
 #: a pack with at most this many sources is checked against them at each start when they exist
@@ -478,33 +477,40 @@ class PackedLayout(TileLayout):
         rows = stats[self.rows_of(sources)]
         return rows[:, columns][:, :, np.asarray(bands) - 1]
 
-    def gather(self, sources: Sequence[str], indices: Sequence[int], bands: Sequence[int], targets: np.ndarray) -> dict:
-        """The batch of ``sources[indices]`` in one gather from the memory map, in the stored
-        dtype; in a DataLoader worker it is written straight into shared memory (no extra copy
-        on its way to the main process)."""
+    def gather(self, sources: Sequence[str], indices: Sequence[int], bands: Sequence[int], targets: np.ndarray,
+               buffers: BatchBuffers | None = None) -> dict:
+        """The batch of ``sources[indices]`` copied row by row from the memory map, in the stored
+        dtype, into a recycled buffer of ``buffers`` (see :func:`batch_tensor`)."""
         rows = self.rows_of([sources[i] for i in indices])
         tiles = self.tiles
         channels = np.asarray(bands) - 1
-        image = torch.empty((len(rows), len(channels), *tiles.shape[2:]), dtype=_TORCH_DTYPES[tiles.dtype.name])
-        if torch.utils.data.get_worker_info() is not None:
-            image.share_memory_()
-        if len(channels) == tiles.shape[1] and (channels == np.arange(tiles.shape[1])).all():
-            np.take(tiles, rows, axis=0, out=image.numpy())
-        else:
-            image.numpy()[:] = tiles[rows][:, channels]
+        shape, dtype = (len(rows), len(channels), *tiles.shape[2:]), TORCH_DTYPES[tiles.dtype.name]
+        image = batch_tensor(shape, dtype, buffers)
+        out = image.numpy()
+        all_bands = len(channels) == tiles.shape[1] and (channels == np.arange(tiles.shape[1])).all()
+        for j, row in enumerate(rows.tolist()):  # per row: faster than np.take, which copies by element
+            if all_bands:
+                out[j] = tiles[row]
+            else:
+                np.take(tiles[row], channels, axis=0, out=out[j])
         indices = torch.as_tensor(list(indices), dtype=torch.long)
         return {"image": image, "target": torch.from_numpy(targets[indices.numpy()]), "index": indices, "bad": []}
 
     def read(self, source: str, bands: Sequence[int] | None) -> np.ndarray:
+        return self._row(source, bands).astype(np.float32)
+
+    def _row(self, source: str, bands: Sequence[int] | None) -> np.ndarray:
         tile = self.tiles[self.rows[source]]
         if bands is not None and list(bands) != list(range(1, tile.shape[0] + 1)):
             tile = tile[np.asarray(bands) - 1]
-        return tile.astype(np.float32)
+        return tile
 
-    def read_with_nodata(self, source: str, bands: Sequence[int] | None) -> tuple[np.ndarray, list[float | None]]:
-        """The packed tile and its nodata: one value for the whole pack (packing refuses a tile
-        that declares another)."""
-        tile = self.read(source, bands)
+    def read_with_nodata(
+        self, source: str, bands: Sequence[int] | None, native: bool = False
+    ) -> tuple[np.ndarray, list[float | None]]:
+        """The packed tile (``native``: in the stored dtype) and its nodata: one value for the
+        whole pack (packing refuses a tile that declares another)."""
+        tile = np.array(self._row(source, bands)) if native else self.read(source, bands)
         return tile, [self.record["nodata"]] * tile.shape[0]
 
     def header_source(self, source: str) -> str:

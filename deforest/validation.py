@@ -124,6 +124,8 @@ def check_pixels(source: str, image: np.ndarray, valid: np.ndarray | None) -> No
     """All-nodata tiles and NaN/inf among the valid pixels are errors."""
     if valid is not None and not valid.any():
         raise TileError(source, "every pixel is nodata")
+    if image.dtype.kind in "iu":  # integers are always finite
+        return
     finite = np.isfinite(image) if valid is None else np.isfinite(image) | ~valid
     if not finite.all():
         raise TileError(source, f"contains {int((~finite).sum())} NaN or infinite pixel values")
