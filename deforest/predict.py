@@ -245,18 +245,18 @@ def _read_padded(scene: Scene, bands: list[int], row0: int, col0: int, height: i
     return np.pad(data, pad, mode="symmetric") if any(p != (0, 0) for p in pad) else data
 
 
-def _classify_strip(
-    model: TileClassifier, spec: InputSpec, scene: Scene, strip: np.ndarray, starts: list[int], batch_size: int,
-    max_nodata: float,
+def _classify(
+    model: TileClassifier, spec: InputSpec, scene: Scene, block: np.ndarray, origins: Sequence[tuple[int, int]],
+    batch_size: int, max_nodata: float,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Probabilities ``[n, C]`` of the windows at column ``starts`` of ``strip`` (0 where not
-    valid), and which windows are valid (at most ``max_nodata`` nodata)."""
+    """Probabilities ``[n, C]`` of the windows at ``origins`` (row, column) of ``block`` (0
+    where not valid), and which windows are valid (at most ``max_nodata`` nodata)."""
     tile = spec.tile_size[0]
-    nodata = scene.nodata_mask(strip)
-    valid = np.asarray([nodata[:, s : s + tile].mean() <= max_nodata for s in starts])
-    probs = np.zeros((len(starts), spec.num_classes), np.float32)
+    nodata = scene.nodata_mask(block)
+    valid = np.asarray([nodata[r : r + tile, c : c + tile].mean() <= max_nodata for r, c in origins])
+    probs = np.zeros((len(origins), spec.num_classes), np.float32)
     for batch in _batches(np.flatnonzero(valid), batch_size):
-        windows = np.stack([strip[:, :, starts[i] : starts[i] + tile] for i in batch])
+        windows = np.stack([block[:, r : r + tile, c : c + tile] for r, c in (origins[i] for i in batch)])
         probs[batch] = _probabilities(model, spec, windows, scene.nodata)
     return probs, valid
 
@@ -265,16 +265,20 @@ def _per_window(
     model: TileClassifier, spec: InputSpec, scene: Scene, writer: MapWriter, stride: int, batch_size: int,
     max_nodata: float,
 ) -> dict[str, int]:
-    """One output pixel per ``stride`` block, from the window centred on that block."""
+    """One output pixel per ``stride`` block, from the window centred on that block. Enough
+    rows of windows are read at once to fill a batch (a 2048 px scene has 32 per row)."""
     tile = spec.tile_size[0]
     offset = (tile - stride) // 2
     n_cols = writer.dst.width
-    starts = [j * stride for j in range(n_cols)]
+    rows_per_read = max(1, batch_size // n_cols)
     classified = skipped = 0
-    for i in range(writer.dst.height):
-        strip = _read_padded(scene, spec.bands, i * stride - offset, -offset, tile, (n_cols - 1) * stride + tile)
-        probs, valid = _classify_strip(model, spec, scene, strip, starts, batch_size, max_nodata)
-        writer.write(probs.T[:, None, :], ~valid[None, :], Window(0, i, n_cols, 1))
+    for i in range(0, writer.dst.height, rows_per_read):
+        rows = min(rows_per_read, writer.dst.height - i)
+        block = _read_padded(scene, spec.bands, i * stride - offset, -offset, (rows - 1) * stride + tile,
+                             (n_cols - 1) * stride + tile)
+        origins = [(r * stride, c * stride) for r in range(rows) for c in range(n_cols)]
+        probs, valid = _classify(model, spec, scene, block, origins, batch_size, max_nodata)
+        writer.write(probs.T.reshape(-1, rows, n_cols), ~valid.reshape(rows, n_cols), Window(0, i, n_cols, rows))
         classified += int(valid.sum())
         skipped += int((~valid).sum())
     return {"windows": classified, "nodata_windows": skipped}
@@ -295,7 +299,7 @@ def _full_resolution(
     done = classified = skipped = 0
     for r, y in enumerate(ys):
         strip = scene.read(Window(0, y, scene.width, tile), spec.bands)
-        probs, valid = _classify_strip(model, spec, scene, strip, xs, batch_size, max_nodata)
+        probs, valid = _classify(model, spec, scene, strip, [(0, x) for x in xs], batch_size, max_nodata)
         kept.append((y, probs, valid))
         classified, skipped = classified + int(valid.sum()), skipped + int((~valid).sum())
         final = ys[r + 1] if r + 1 < len(ys) else scene.height
