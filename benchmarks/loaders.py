@@ -5,7 +5,8 @@ warm-up do not leak from one pipeline into another); prints ``{"tiles_per_s": [.
 
 Pipelines: ``files``, ``packed`` and ``stream`` (this project's datamodule and DataLoader,
 from the real Hydra config; ``stream`` reads the pack from the S3 server ``run.py`` started), ``torchgeo`` (TorchGeo 0.8.1's EuroSAT dataset), ``rasterio`` (a bare
-open-and-read loop) and ``memcpy`` (a plain copy of the packed bytes).
+open-and-read loop), ``memcpy`` (a plain copy of the packed bytes) and ``s3get`` (raw
+GETs of the pack's chunk objects from the S3 server).
 """
 
 from __future__ import annotations
@@ -104,9 +105,27 @@ def memcpy(pack: Path) -> Callable[[], Iterable[int]]:
     return one_pass
 
 
+def s3_get(pack: Path) -> Callable[[], Iterable[int]]:
+    """Raw GETs of every chunk object of the pack on the S3 server, in tiles: the ceiling of
+    any loader that streams from it."""
+    import fsspec
+    import numpy as np
+
+    tiles = np.load(pack / "tiles.npy", mmap_mode="r")
+    tile_bytes = tiles[0].nbytes
+    fs = fsspec.filesystem("s3")
+    chunks = sorted(p for p in fs.find("bench/eurosat/tiles.zarr") if "/c/" in p)
+
+    def one_pass() -> Iterable[int]:
+        for chunk in chunks:
+            yield len(fs.cat_file(chunk)) // tile_bytes
+
+    return one_pass
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("pipeline", choices=["files", "packed", "stream", "torchgeo", "rasterio", "memcpy"])
+    parser.add_argument("pipeline", choices=["files", "packed", "stream", "s3get", "torchgeo", "rasterio", "memcpy"])
     parser.add_argument("--work", type=Path, required=True, help="benchmark folder made by run.py")
     parser.add_argument("--reps", type=int, default=5)
     parser.add_argument("--gdal", choices=["default", "empty_dir"], default="default",
@@ -126,6 +145,7 @@ def main() -> None:
         "torchgeo": lambda: torchgeo_loader(eurosat),
         "rasterio": lambda: rasterio_loop(tif_root),
         "memcpy": lambda: memcpy(args.work / "pack"),
+        "s3get": lambda: s3_get(args.work / "pack"),
     }[args.pipeline]
     rates = _timed(make(), args.reps)
     json.dump({"tiles_per_s": rates}, sys.stdout)

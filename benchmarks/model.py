@@ -58,9 +58,15 @@ def weighting(batch: int, size: int, reps: int) -> dict:
         step(loss_fn)
     times: dict[str, list[float]] = {name: [] for name in losses}
     loss_times: dict[str, list[float]] = {name: [] for name in losses}
-    for _ in range(reps):
+    for rep in range(reps):
+        # each repetition: two steps of each loss in ABBA order (BAAB the next time), so a
+        # drift of the machine's speed within the repetition hits both alike
+        order = ["weighted", "unweighted", "unweighted", "weighted"]
+        seconds: dict[str, list[float]] = {name: [] for name in losses}
+        for name in order if rep % 2 == 0 else order[::-1]:
+            seconds[name].append(step(losses[name]))
         for name, loss_fn in losses.items():
-            times[name].append(step(loss_fn))
+            times[name].append(sum(seconds[name]) / len(seconds[name]))
             loss_times[name].append(loss_only(loss_fn))
     return {"seconds_per_step": times, "seconds_per_loss": loss_times}
 

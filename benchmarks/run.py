@@ -173,6 +173,7 @@ def run(sizes: Sizes, work: Path) -> dict:
             check=True, capture_output=True, cwd=REPO, env=s3_env,
         )
         rates["stream"] = child("loaders.py", "stream", *w, "--reps", reps, env=s3_env)["tiles_per_s"]
+        rates["s3get"] = child("loaders.py", "s3get", *w, "--reps", reps, env=s3_env)["tiles_per_s"]
     med = {k: statistics.median(v) for k, v in rates.items()}
 
     log(f"indexing and packing BigEarthNet-style trees of {sizes.index_sizes} patches")
@@ -233,6 +234,10 @@ def run(sizes: Sizes, work: Path) -> dict:
         "stream_vs_packed": measure(
             "stream_vs_packed", med["stream"], med["packed"], ">= 0.5", "tiles/s",
             "data.packed=s3://... (Zarr v3 over s3fs) from moto's S3 server on 127.0.0.1 vs the local pack"),
+        "stream_vs_s3_get": measure(
+            "stream_vs_s3_get", med["stream"], med["s3get"], ">= 0.5", "tiles/s",
+            "context: the streaming loader vs raw GETs of the same chunk objects from the same server "
+            "(the server's ceiling, in tiles/s)"),
         "index_s_per_1k_patches": measure(
             "index_s_per_1k_patches", per_1k, HOUR / (BIGEARTHNET_PATCHES / 1000), "<= 1.0", "s/1k patches",
             f"index {index_slope:.3g} s/1k (R² {index_r2:.4f}) + pack {pack_slope:.3g} s/1k (R² {pack_r2:.4f}) "

@@ -1,6 +1,7 @@
-"""DDP over a pack with two real gloo processes (``trainer=ddp_cpu``) and two workers each:
-every training tile once per epoch, a bad batch on one rank does not hang the other, the
-ranks stay identical, and validation metrics count each tile once."""
+"""DDP with two real gloo processes (``trainer=ddp_cpu``), over files with two DataLoader
+workers each and over a local pack (gathered in each rank's main process): every training
+tile once per epoch, a bad batch on one rank does not hang the other, the ranks stay
+identical, and validation metrics count each tile once."""
 
 from __future__ import annotations
 
@@ -55,10 +56,13 @@ class DDPProbe(pl.Callback):
 
 
 @pytest.mark.slow
-def test_ddp_two_ranks_two_workers_over_a_pack(train_config, eurosat_root, tmp_path):
-    pack = tmp_path / "pack"
-    pack_dataset(FolderLayout(eurosat_root), pack)
-    dm = build_datamodule(train_config([f"data.packed={pack}"]).data)
+@pytest.mark.parametrize("source", ["files", "pack"])
+def test_ddp_two_ranks_two_workers(train_config, eurosat_root, tmp_path, source):
+    data = []
+    if source == "pack":
+        pack_dataset(FolderLayout(eurosat_root), tmp_path / "pack")
+        data = [f"data.packed={tmp_path / 'pack'}"]
+    dm = build_datamodule(train_config(data).data)
     dm.setup("fit")
     n_train, n_val = len(dm.datasets["train"]), len(dm.datasets["val"])
     per_rank = n_train // 2
@@ -66,7 +70,7 @@ def test_ddp_two_ranks_two_workers_over_a_pack(train_config, eurosat_root, tmp_p
     assert n_train % 2 == 0 and per_rank // batch >= 4, (n_train, batch)
     probe = tmp_path / "probe"
     args = [
-        "trainer=ddp_cpu", f"data.packed={pack}", "data.num_workers=2", f"data.batch_size={batch}",
+        "trainer=ddp_cpu", *data, "data.num_workers=2", f"data.batch_size={batch}",
         "model.nonfinite_loss=skip", "trainer.max_epochs=1", "model.width=8", "model.tta=false", "test=false",
         "trainer.enable_progress_bar=false", "report.enabled=false", f"hydra.run.dir={tmp_path / 'run'}",
         "+callbacks.probe._target_=test_ddp_data.DDPProbe", f"+callbacks.probe.out={probe}",
@@ -78,7 +82,7 @@ def test_ddp_two_ranks_two_workers_over_a_pack(train_config, eurosat_root, tmp_p
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
     train = [json.loads((probe / f"train-{r}.json").read_text()) for r in (0, 1)]
     seen = train[0]["seen"] + train[1]["seen"]
-    assert sorted(seen) == list(range(n_train))  # each tile exactly once across 2 ranks x 2 workers
+    assert sorted(seen) == list(range(n_train))  # each tile exactly once across 2 ranks (x 2 workers for files)
     assert train[0]["sum"] == train[1]["sum"] and train[0]["weights"] == train[1]["weights"]  # ranks agree
     assert all(torch.isfinite(torch.tensor(t["weights"])).all() for t in train)
     val = [json.loads((probe / f"val-{r}.json").read_text()) for r in (0, 1)]
