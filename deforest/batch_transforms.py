@@ -31,7 +31,8 @@ def is_device_d4(transforms: Sequence[A.BasicTransform]) -> bool:
 
 
 class PackedBatchTransform:
-    """Stored-dtype pixels to float32, nodata pixels set to their band's ``fill`` value.
+    """Stored-dtype pixels to float32, nodata pixels set to their band's ``fill`` value
+    (``nodata=None`` for file batches, which are filled as they are read).
 
     Free of host synchronisation: a comparison and a ``torch.where`` on the batch's device.
     Float batches (per-tile reads, already converted in the workers) pass unchanged.

@@ -83,32 +83,40 @@ class TileDataset(Dataset):
     def __len__(self) -> int:
         return len(self.sources)
 
-    def read_valid(self, i: int) -> tuple[np.ndarray, np.ndarray | None]:
-        """Float32 ``[C, H, W]`` and its valid-pixel mask; NaN/inf or all-nodata raise TileError.
+    def read_valid(self, i: int, native: bool = False) -> tuple[np.ndarray, np.ndarray | None]:
+        """Float32 ``[C, H, W]`` (``native``: the file's dtype where float32 holds it exactly)
+        and its valid-pixel mask; NaN/inf or all-nodata raise TileError.
 
         The mask follows the tile's own nodata (its header or ``.aux.xml``), unless this
         dataset was given one ``nodata`` value for every tile.
         """
         if self.nodata is None:
-            image, nodata = self.layout.read_with_nodata(self.sources[i], self.bands)
+            image, nodata = self.layout.read_with_nodata(self.sources[i], self.bands, native=native)
         else:
             image, nodata = self.layout.read(self.sources[i], self.bands), self.nodata
+        if image.dtype.name not in TORCH_DTYPES:  # int32, float64, ...: as float32
+            image = image.astype(np.float32)
         valid = valid_pixels(image, nodata)
         check_pixels(self.sources[i], image, valid)
         return image, valid
 
-    def read(self, i: int) -> np.ndarray:
-        """The tile's selected bands, nodata pixels filled with ``fill`` when given."""
-        image, valid = self.read_valid(i)
+    def read(self, i: int, native: bool = False) -> np.ndarray:
+        """The tile's selected bands, nodata pixels filled with ``fill`` when given (a filled
+        tile is float32, whatever ``native``)."""
+        image, valid = self.read_valid(i, native)
         return image if self.fill is None else fill_nodata(image, valid, self.fill)
+
+    def _augmented(self, image: np.ndarray) -> np.ndarray:
+        """``[C, H, W]`` through the albumentations pipeline (on ``[H, W, C]``), possibly a strided view."""
+        if self.augment is None:
+            return image
+        return self.augment(image=image.transpose(1, 2, 0))["image"].transpose(2, 0, 1)
 
     def __getitem__(self, i: int) -> dict[str, torch.Tensor | int]:
         try:
-            image = self.read(i)
+            image = self._augmented(self.read(i))
         except TileError as err:  # raised or counted in the main process, not in a worker
             return {"bad": (self.sources[i], err.path, err.problem), "index": i}
-        if self.augment is not None:
-            image = self.augment(image=image.transpose(1, 2, 0))["image"].transpose(2, 0, 1)
         target = torch.as_tensor(self.targets[i])
         return {"image": torch.from_numpy(np.ascontiguousarray(image)), "target": target, "index": i}
 
@@ -129,7 +137,7 @@ class TileDataset(Dataset):
         with rasterio.Env():  # one GDAL environment for the batch, not one per open
             for i in indices:
                 try:
-                    tiles.append(self._read_native(i))
+                    tiles.append(self._augmented(self.read(i, native=True)))
                     good.append(i)
                 except TileError as err:  # raised or counted in the main process, not in a worker
                     bad.append((self.sources[i], err.path, err.problem))
@@ -143,22 +151,6 @@ class TileDataset(Dataset):
             out[j] = tile
         index = torch.as_tensor(good, dtype=torch.long)
         return {"image": image, "target": torch.as_tensor(self.targets[good]), "index": index, "bad": bad}
-
-    def _read_native(self, i: int) -> np.ndarray:
-        """One tile, checked, filled and augmented, as ``[C, H, W]`` (possibly a strided view)."""
-        source = self.sources[i]
-        image, nodata = self.layout.read_with_nodata(source, self.bands, native=True)
-        if image.dtype.name not in TORCH_DTYPES:  # int32, float64, ...: as float32, as before
-            image = image.astype(np.float32)
-        if self.nodata is not None:
-            nodata = self.nodata
-        valid = valid_pixels(image, nodata)
-        check_pixels(source, image, valid)
-        if self.fill is not None and valid is not None and not valid.all():
-            image = fill_nodata(image.astype(np.float32), valid, self.fill)
-        if self.augment is not None:
-            image = self.augment(image=image.transpose(1, 2, 0))["image"].transpose(2, 0, 1)
-        return image
 
 
 class TileDataModule(pl.LightningDataModule):

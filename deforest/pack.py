@@ -499,20 +499,18 @@ class PackedLayout(TileLayout):
         return {"image": image, "target": torch.from_numpy(targets[indices.numpy()]), "index": indices, "bad": []}
 
     def read(self, source: str, bands: Sequence[int] | None) -> np.ndarray:
-        return self._row(source, bands).astype(np.float32)
-
-    def _row(self, source: str, bands: Sequence[int] | None) -> np.ndarray:
         tile = self.tiles[self.rows[source]]
         if bands is not None and list(bands) != list(range(1, tile.shape[0] + 1)):
             tile = tile[np.asarray(bands) - 1]
-        return tile
+        return tile.astype(np.float32)
 
     def read_with_nodata(
         self, source: str, bands: Sequence[int] | None, native: bool = False
     ) -> tuple[np.ndarray, list[float | None]]:
-        """The packed tile (``native``: in the stored dtype) and its nodata: one value for the
-        whole pack (packing refuses a tile that declares another)."""
-        tile = np.array(self._row(source, bands)) if native else self.read(source, bands)
+        """The packed tile, float32 (batches leave a pack in its stored dtype through
+        :meth:`gather`), and its nodata: one value for the whole pack (packing refuses a tile
+        that declares another)."""
+        tile = self.read(source, bands)
         return tile, [self.record["nodata"]] * tile.shape[0]
 
     def header_source(self, source: str) -> str:
