@@ -3,8 +3,10 @@
 Run by ``benchmarks/run.py`` (one process per pipeline, so GDAL settings and page-cache
 warm-up do not leak from one pipeline into another); prints ``{"tiles_per_s": [...]}``.
 
-Pipelines: ``files``, ``packed`` and ``stream`` (this project's datamodule and DataLoader,
-from the real Hydra config; ``stream`` reads the pack from the S3 server ``run.py`` started), ``torchgeo`` (TorchGeo 0.8.1's EuroSAT dataset), ``rasterio`` (a bare
+Pipelines: ``files``, ``packed``, ``stream`` and ``stream_uncached`` (this project's
+datamodule and DataLoader, from the real Hydra config; the stream ones read the pack from
+the S3 server ``run.py`` started, with and without the chunk cache, which ``stream`` starts
+empty: its first pass streams, the later ones read the cache), ``torchgeo`` (TorchGeo 0.8.1's EuroSAT dataset), ``rasterio`` (a bare
 open-and-read loop), ``memcpy`` (a plain copy of the packed bytes) and ``s3get`` (raw
 GETs of the pack's chunk objects from the S3 server).
 """
@@ -38,7 +40,8 @@ def _timed(passes: Callable[[], Iterable[int]], reps: int) -> list[float]:
     return rates
 
 
-def deforest_loader(tif_root: Path, cache: Path, packed: Path | str | None) -> Callable[[], Iterable[int]]:
+def deforest_loader(tif_root: Path, cache: Path, packed: Path | str | None,
+                    *extra: str) -> Callable[[], Iterable[int]]:
     """The project's training DataLoader (1 worker) over every tile but a 1% validation share."""
     from hydra import compose, initialize_config_module
 
@@ -50,6 +53,7 @@ def deforest_loader(tif_root: Path, cache: Path, packed: Path | str | None) -> C
     ]
     if packed is not None:
         overrides.append(f"data.packed={packed}")
+    overrides += extra
     with initialize_config_module(config_module="deforest.conf", version_base="1.3"):
         cfg = compose("train", overrides=overrides)
     datamodule = build_datamodule(cfg.data)
@@ -125,7 +129,7 @@ def s3_get(pack: Path) -> Callable[[], Iterable[int]]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("pipeline", choices=["files", "packed", "stream", "s3get", "torchgeo", "rasterio", "memcpy"])
+    parser.add_argument("pipeline", choices=["files", "packed", "stream", "stream_uncached", "s3get", "torchgeo", "rasterio", "memcpy"])
     parser.add_argument("--work", type=Path, required=True, help="benchmark folder made by run.py")
     parser.add_argument("--reps", type=int, default=5)
     parser.add_argument("--gdal", choices=["default", "empty_dir"], default="default",
@@ -142,6 +146,8 @@ def main() -> None:
         "files": lambda: deforest_loader(tif_root, args.work / "cache", None),
         "packed": lambda: deforest_loader(tif_root, args.work / "cache", args.work / "pack"),
         "stream": lambda: deforest_loader(tif_root, args.work / "cache", "s3://bench/eurosat"),
+        "stream_uncached": lambda: deforest_loader(tif_root, args.work / "cache", "s3://bench/eurosat",
+                                                   "data.cache_chunks=false"),
         "torchgeo": lambda: torchgeo_loader(eurosat),
         "rasterio": lambda: rasterio_loop(tif_root),
         "memcpy": lambda: memcpy(args.work / "pack"),

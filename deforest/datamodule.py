@@ -180,6 +180,8 @@ class TileDataModule(pl.LightningDataModule):
         packed: a pack written by ``deforest-pack``: index, labels, statistics and pixels come
             from it alone (``layout`` may be ``None``); batches are gathered whole in the stored
             dtype, converted and D4-augmented on the device (see :mod:`deforest.batch_transforms`).
+        cache_chunks: a pack in object storage: keep its chunks in ``cache_dir`` as they stream
+            (:class:`deforest.stream.ChunkCache`), so later epochs read them from local disk.
         device_flips: random flips/rotations of each training batch after it reached the
             device (GPU), instead of augmenting in the DataLoader workers (then ``augment=[]``).
         split_files: ``{train: path, val: path, test: path}``: lists of sample names that set
@@ -213,6 +215,7 @@ class TileDataModule(pl.LightningDataModule):
         validate: str = "quick",
         on_bad_tile: str = "error",
         packed: str | None = None,
+        cache_chunks: bool = True,
         device_flips: bool = False,
         split_files: Mapping[str, str] | None = None,
         input_spec: InputSpec | None = None,
@@ -229,7 +232,7 @@ class TileDataModule(pl.LightningDataModule):
         if validate not in ("quick", "full", "off"):
             raise ValueError(f"data.validate must be quick, full or off, not {validate!r}")
         self.bad_tiles = BadTiles(on_bad_tile)
-        self.layout = open_pack(packed, cache_dir) if packed else layout
+        self.layout = open_pack(packed, cache_dir, cache_chunks) if packed else layout
         self.batch_transform: PackedBatchTransform | None = None
         self.band_selection = None if bands is None else list(bands)
         self.batch_size = batch_size
@@ -357,7 +360,7 @@ class TileDataModule(pl.LightningDataModule):
         log.info("%d tiles, %d classes, bands %s, splits %s", len(index), index.num_classes, self.bands, counts)
         if self.gathers_in_process and self.num_workers > 0:
             log.info("data.packed: batches are gathered in the main process (one copy each); "
-                     "data.num_workers=%d is not used for a local pack", self.num_workers)
+                     "data.num_workers=%d is not used for a pack", self.num_workers)
 
     def _resolve_bands(self) -> list[int]:
         """The configured bands, or the checkpoint's (which must fit these files)."""
@@ -589,13 +592,11 @@ class TileDataModule(pl.LightningDataModule):
         dataset = self.datasets[split]
         stream = getattr(self.layout, "stream", None)  # a pack in object storage: whole chunks, disjoint per rank
         if stream is not None:
-            batches = stream(dataset, self.batch_size, shuffle, self.seed, self.num_workers)
-            return DataLoader(batches, batch_size=None, num_workers=self.num_workers, pin_memory=self.pin_memory,
-                              persistent_workers=self.num_workers > 0, collate_fn=collate_batches,
-                              # fsspec's and zarr's event loops do not survive a fork
-                              multiprocessing_context="spawn" if self.num_workers > 0 else None)
-        # a local pack's batch is one copy from the page cache in this process; a worker would
-        # add a second one through shared memory (benchmarks/README.md, packed_vs_memcpy)
+            # gathered in this process too; the chunk requests run on s3fs's event loop
+            batches = stream(dataset, self.batch_size, shuffle, self.seed)
+            return DataLoader(batches, batch_size=None, pin_memory=self.pin_memory, collate_fn=collate_batches)
+        # a pack's batch is one copy from the page cache in this process; a worker would add a
+        # second one through shared memory (benchmarks/README.md, packed_vs_memcpy)
         workers = 0 if self.gathers_in_process else self.num_workers
         return DataLoader(
             dataset,
@@ -619,11 +620,11 @@ class TileDataModule(pl.LightningDataModule):
 
     @property
     def gathers_in_process(self) -> bool:
-        """Batches of a local pack are gathered whole in the main process (``num_workers`` is
-        for files and object stores); with worker-side augmentation they are read per tile."""
+        """Batches of a pack are gathered whole in the main process (``num_workers`` is for
+        files); a local pack with worker-side augmentation is read per tile in the workers."""
         train = self.datasets.get("train")
-        return isinstance(self.layout, PackedLayout) and getattr(self.layout, "stream", None) is None and (
-            train is None or train.augment is None)
+        return isinstance(self.layout, PackedLayout) and (
+            train is None or train.augment is None or getattr(self.layout, "stream", None) is not None)
 
     def train_dataloader(self) -> DataLoader:
         return self._loader("train", shuffle=True)

@@ -387,12 +387,14 @@ def check_pack(layout: TileLayout, path: str | os.PathLike) -> None:
         )
 
 
-def open_pack(path: str | os.PathLike, cache_dir: str | os.PathLike | None = None) -> PackedLayout:
-    """The pack at a local folder, or at an object-store URL (``s3://...``, the ``stream`` extra)."""
+def open_pack(path: str | os.PathLike, cache_dir: str | os.PathLike | None = None,
+              cache_chunks: bool = True) -> PackedLayout:
+    """The pack at a local folder, or at an object-store URL (``s3://...``, the ``stream`` extra;
+    ``cache_chunks``: see :class:`deforest.stream.ChunkCache`)."""
     if "://" in str(path):
         from deforest.stream import RemotePack  # zarr and s3fs only when used
 
-        return RemotePack(str(path), cache_dir)
+        return RemotePack(str(path), cache_dir, cache_chunks)
     return PackedLayout(path)
 
 

@@ -3,43 +3,51 @@
 At the prefix lie the local pack's small files as they are (``index.json``, ``targets.npy``,
 ``stats.npy``) and ``tiles.zarr``, the ``[N, C, H, W]`` array in chunks of ``chunk_tiles``
 rows, uncompressed (Sentinel-2 uint16 reflectance gains little from a fast codec and each
-chunk is then one ranged GET of raw bytes). Endpoint and credentials are the standard AWS
-ones (``AWS_ENDPOINT_URL``, ``AWS_ACCESS_KEY_ID``, ``AWS_SECRET_ACCESS_KEY``,
+chunk is then one GET of raw bytes). Endpoint and credentials are the standard AWS ones
+(``AWS_ENDPOINT_URL``, ``AWS_ACCESS_KEY_ID``, ``AWS_SECRET_ACCESS_KEY``,
 ``AWS_DEFAULT_REGION``, profiles), read by botocore under s3fs. Why Zarr: docs/packing.md.
 
-Training reads whole chunks: :class:`StreamedSplit` deals the chunks of an epoch out to the
-DDP ranks and the DataLoader workers (disjoint), reads each chunk once, shuffles its tiles
-with those of the previous chunk and cuts batches; every rank yields the same number of
-batches (training drops the remainder, evaluation repeats tiles, which the metrics
-de-duplicate), so no rank waits for another at the epoch's end.
+Training reads whole chunks in each rank's main process: :class:`StreamedSplit` deals the
+chunks of an epoch out to the DDP ranks (disjoint), keeps :data:`PREFETCH` chunk requests
+in flight, shuffles each chunk's tiles with those still waiting from the previous one and
+copies batches into recycled buffers, as a local pack does. Every rank yields the same
+number of batches (training drops the remainder, evaluation repeats tiles, which the
+metrics de-duplicate), so no rank waits for another at the epoch's end. Chunks are kept in
+a :class:`ChunkCache` on local disk as they arrive (as LitData keeps its chunks), so the
+epochs after the first read at local-pack speed.
 """
 
 from __future__ import annotations
 
 import hashlib
 import logging
+import math
 import os
+import shutil
+from collections import deque
 from collections.abc import Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import fsspec
 import numpy as np
 import torch
 import zarr
-from torch.utils.data import IterableDataset, get_worker_info
+from torch.utils.data import IterableDataset
 from zarr.storage import FsspecStore
 
+from deforest.batch_buffers import TORCH_DTYPES, BatchBuffers
 from deforest.datasets import DatasetError
 from deforest.pack import INDEX, STATS, TARGETS, TILES, PackedLayout
+from deforest.validation import fill_nodata, valid_pixels
 
 log = logging.getLogger(__name__)
 
 ZARR = "tiles.zarr"
-
-
-def is_remote(path: str | os.PathLike) -> bool:
-    """An fsspec URL (``s3://``, ``gs://``, ...) rather than a local folder."""
-    return "://" in str(path)
+#: chunk requests in flight per rank (s3fs runs them concurrently on its event loop)
+PREFETCH = 4
+#: free disk the chunk cache leaves untouched beyond the pack's size
+CACHE_MARGIN_BYTES = 1 << 30
 
 
 def upload_pack(local: str | os.PathLike, url: str, chunk_tiles: int = 256) -> None:
@@ -57,11 +65,85 @@ def upload_pack(local: str | os.PathLike, url: str, chunk_tiles: int = 256) -> N
         fs.put_file(str(local / name), f"{root}/{name}")
 
 
+class ChunkCache:
+    """A remote pack's pixels on local disk, filled chunk by chunk as they stream.
+
+    ``tiles.npy`` has the pack's shape and dtype and starts sparse; a chunk's marker file is
+    written after its bytes, so a chunk is read from here only once it is whole, by any
+    later epoch, run or rank on this machine. Chunks are written with ``pwrite``, not
+    through the memory map, so a full disk is a logged error that stops caching, not a
+    SIGBUS.
+    """
+
+    def __init__(self, folder: Path, shape: tuple[int, ...], dtype: np.dtype) -> None:
+        self.folder = folder
+        self.enabled = True
+        path = folder / TILES
+        if not path.is_file():
+            folder.mkdir(parents=True, exist_ok=True)
+            partial = folder / f"{TILES}.{os.getpid()}.partial"
+            np.lib.format.open_memmap(partial, mode="w+", dtype=dtype, shape=shape)  # sparse
+            try:
+                os.link(partial, path)  # never replaces a cache another process is filling
+            except FileExistsError:
+                pass
+            partial.unlink()
+        self.tiles = np.load(path, mmap_mode="r")
+        self._row_bytes = math.prod(shape[1:]) * np.dtype(dtype).itemsize
+        self._fd = os.open(path, os.O_WRONLY)
+
+    @classmethod
+    def beside(cls, base: Path, record: dict) -> ChunkCache | None:
+        """The cache of the pack ``record`` describes, in ``base`` (old packs' caches there are
+        removed); None when the disk has no room for the whole pack."""
+        shape, dtype = tuple(record["shape"]), np.dtype(record["dtype"])
+        key = hashlib.sha256(f"{record['fingerprint']}{shape}{dtype}".encode()).hexdigest()[:16]
+        folder = base / f"chunks-{key}"
+        for old in base.glob("chunks-*"):
+            if old != folder:
+                shutil.rmtree(old, ignore_errors=True)
+        if not (folder / TILES).is_file():
+            need = math.prod(shape) * dtype.itemsize + CACHE_MARGIN_BYTES
+            free = shutil.disk_usage(base).free
+            if free < need:
+                log.warning("%s: no chunk cache (%.1f GB free, the pack needs %.1f GB); every epoch streams",
+                            base, free / 1e9, need / 1e9)
+                return None
+        try:
+            return cls(folder, shape, dtype)
+        except OSError as err:  # a read-only or vanished cache folder
+            log.warning("%s: no chunk cache (%s); every epoch streams", folder, err)
+            return None
+
+    def _marker(self, start: int, stop: int) -> Path:
+        return self.folder / f"{start:010d}-{stop:010d}.done"
+
+    def get(self, start: int, stop: int) -> np.ndarray | None:
+        """Rows ``start:stop`` mapped from disk, or None when that chunk is not cached."""
+        return self.tiles[start:stop] if self._marker(start, stop).is_file() else None
+
+    def put(self, start: int, rows: np.ndarray) -> None:
+        """Write a fetched chunk, then its marker; a failed write turns the cache off."""
+        if not self.enabled:
+            return
+        view = memoryview(np.ascontiguousarray(rows)).cast("B")
+        offset = self.tiles.offset + start * self._row_bytes
+        try:
+            while len(view):
+                written = os.pwrite(self._fd, view, offset)
+                view, offset = view[written:], offset + written
+            self._marker(start, start + len(rows)).touch()
+        except OSError as err:
+            self.enabled = False
+            log.warning("%s: chunk cache turned off (%s); the rest streams from the object store", self.folder, err)
+
+
 class RemotePack(PackedLayout):
     """A pack at an fsspec URL: the small files are fetched into ``cache_dir`` at each start
-    (a few MB for EuroSAT, tens for BigEarthNet), the pixels stay remote."""
+    (a few MB for EuroSAT, tens for BigEarthNet), the pixels stream by chunk (kept in a
+    :class:`ChunkCache` there unless ``cache_chunks`` is False)."""
 
-    def __init__(self, url: str, cache_dir: str | os.PathLike | None = None) -> None:
+    def __init__(self, url: str, cache_dir: str | os.PathLike | None = None, cache_chunks: bool = True) -> None:
         self.url = url.rstrip("/")
         base = Path(cache_dir or Path.home() / ".cache" / "deforest").expanduser()
         local = base / "packs" / hashlib.sha256(self.url.encode()).hexdigest()[:16]
@@ -73,13 +155,14 @@ class RemotePack(PackedLayout):
         except FileNotFoundError:
             raise DatasetError(f"data.packed={self.url}: no pack there (deforest-pack out={self.url} first)") from None
         super().__init__(local, check=False)
+        self.cache = ChunkCache.beside(local, self.record) if cache_chunks else None
 
     def _present(self) -> bool:
         return all((self.path / name).is_file() for name in (INDEX, TARGETS, STATS))
 
     @property
     def tiles(self) -> zarr.Array:
-        """The remote Zarr array, opened once per process (workers open their own)."""
+        """The remote Zarr array, opened once per process."""
         if self._tiles is None:
             self._tiles = zarr.open_array(FsspecStore.from_url(f"{self.url}/{ZARR}", read_only=True), mode="r")
         return self._tiles
@@ -88,28 +171,26 @@ class RemotePack(PackedLayout):
     def chunk_tiles(self) -> int:
         return int(self.tiles.chunks[0])
 
-    def read_rows(self, rows: np.ndarray, bands: Sequence[int]) -> np.ndarray:
-        """Tiles at sorted ``rows`` (stored dtype), selected bands; zarr fetches each chunk once."""
-        channels = np.asarray(bands) - 1
-        if len(channels) == self.tiles.shape[1] and (channels == np.arange(len(channels))).all():
-            return self.tiles.oindex[rows]
-        return self.tiles.oindex[rows, channels]
+    def chunk(self, c: int) -> np.ndarray:
+        """All rows of chunk ``c`` in the stored dtype: from the cache, else one GET (then cached)."""
+        start, stop = c * self.chunk_tiles, min((c + 1) * self.chunk_tiles, self.tiles.shape[0])
+        cached = self.cache.get(start, stop) if self.cache is not None else None
+        if cached is not None:
+            return cached
+        rows = self.tiles[start:stop]
+        if self.cache is not None:
+            self.cache.put(start, rows)
+        return rows
 
-    def gather(self, sources, indices, bands, targets) -> dict:
-        rows = self.rows_of([sources[i] for i in indices])
-        order = np.argsort(rows)
-        image = np.empty((len(rows), len(bands), *self.tiles.shape[2:]), self.tiles.dtype)
-        image[order] = self.read_rows(rows[order], bands)
-        indices = torch.as_tensor(list(indices), dtype=torch.long)
-        return {"image": torch.from_numpy(image), "target": torch.from_numpy(targets[indices.numpy()]),
-                "index": indices, "bad": []}
-
-    def stream(self, dataset, batch_size: int, train: bool, seed: int, num_workers: int) -> StreamedSplit:
+    def stream(self, dataset, batch_size: int, train: bool, seed: int) -> StreamedSplit:
         """The batches of ``dataset`` (a split) for a DataLoader with ``batch_size=None``."""
-        return StreamedSplit(dataset, batch_size, train, seed, num_workers)
+        return StreamedSplit(dataset, batch_size, train, seed)
 
     def read(self, source: str, bands: Sequence[int] | None) -> np.ndarray:
-        tile = self.read_rows(np.asarray([self.rows[source]]), bands or range(1, self.tiles.shape[1] + 1))[0]
+        row = self.rows[source]
+        tile = self.chunk(row // self.chunk_tiles)[row % self.chunk_tiles]
+        if bands is not None and list(bands) != list(range(1, tile.shape[0] + 1)):
+            tile = tile[np.asarray(bands) - 1]
         return tile.astype(np.float32)
 
 
@@ -117,84 +198,123 @@ class StreamedSplit(IterableDataset):
     """Batches of one split of a :class:`RemotePack`, chunk by chunk (see the module docs).
 
     ``train``: chunks and tiles shuffled each epoch (seeded by ``seed`` and the epoch
-    count), every rank cut to the fewest batches any rank has in that worker slot; else in
-    order, every rank padded with repeated tiles to the most tiles any rank has.
+    count), every rank cut to the fewest batches any rank has; else in order, every rank
+    padded with repeated tiles to the most tiles any rank has. A training split with a
+    worker-side albumentations pipeline gets it per tile (float32 batches, nodata filled first).
     """
 
-    #: no worker-side augmentation (D4 runs on the device)
-    augment = None
-
-    def __init__(self, dataset, batch_size: int, train: bool, seed: int, num_workers: int = 0) -> None:
+    def __init__(self, dataset, batch_size: int, train: bool, seed: int) -> None:
         self.dataset, self.batch_size, self.train, self.seed = dataset, batch_size, train, seed
-        self.workers = max(num_workers, 1)
         self.layout: RemotePack = dataset.layout
         self.rows = self.layout.rows_of(dataset.sources)
-        chunk = self.rows // self.layout.chunk_tiles
+        self.chunk_tiles = self.layout.chunk_tiles
+        chunk = self.rows // self.chunk_tiles
         #: per chunk id, the split's dataset indexes stored in it, in row order
         self.by_chunk = {int(c): np.flatnonzero(chunk == c) for c in np.unique(chunk)}
+        self.channels = np.asarray(dataset.bands) - 1
+        self.buffers = BatchBuffers()
         self.epoch = 0
 
-    def _share(self, rank: int, world: int, worker: int, epoch: int) -> list[int]:
+    def _share(self, rank: int, world: int, epoch: int) -> list[int]:
         chunks = sorted(self.by_chunk)
         if self.train:
             chunks = np.random.default_rng([self.seed, epoch]).permutation(chunks).tolist()
-        return chunks[rank::world][worker :: self.workers]
+        return chunks[rank::world]
 
-    def _target(self, world: int, worker: int, epoch: int) -> int:
-        """Training: batches of this worker slot on every rank; evaluation: its tiles."""
-        tiles = [sum(len(self.by_chunk[c]) for c in self._share(r, world, worker, epoch)) for r in range(world)]
+    def _target(self, world: int, epoch: int) -> int:
+        """Training: batches of every rank; evaluation: tiles of every rank."""
+        tiles = [sum(len(self.by_chunk[c]) for c in self._share(r, world, epoch)) for r in range(world)]
         return min(tiles) // self.batch_size if self.train else max(tiles)
 
     def __len__(self) -> int:
-        _, world = _rank_world()
-        targets = [self._target(world, w, self.epoch) for w in range(self.workers)]
-        return sum(targets) if self.train else sum(-(-t // self.batch_size) for t in targets)
+        target = self._target(_rank_world()[1], self.epoch)
+        return target if self.train else -(-target // self.batch_size)
 
     def __iter__(self) -> Iterator[dict]:
-        info = get_worker_info()
-        worker = info.id if info else 0
         rank, world = _rank_world()
-        epoch, self.epoch = self.epoch, self.epoch + 1  # persistent workers: each counts its epochs
-        chunks = self._share(rank, world, worker, epoch)
-        target = self._target(world, worker, epoch)
-        rng = np.random.default_rng([self.seed, epoch, rank, worker])
-        yield from self._train_batches(chunks, target, rng) if self.train else self._eval_batches(chunks, target)
+        epoch, self.epoch = self.epoch, self.epoch + 1
+        chunks = self._share(rank, world, epoch)
+        if self.train:
+            rng = np.random.default_rng([self.seed, epoch, rank])
+            yield from self._cut([(c, self.by_chunk[c]) for c in chunks], rng, self._target(world, epoch))
+        else:
+            yield from self._cut(self._eval_runs(chunks, self._target(world, epoch)), None, None)
 
-    def _train_batches(self, chunks: list[int], wanted: int, rng: np.random.Generator) -> Iterator[dict]:
-        """Each chunk read once; its tiles wait in memory (about two chunks) until batched."""
-        pending, tiles, made = np.empty(0, np.int64), {}, 0
-        for c in chunks:
-            if made == wanted:
-                return
-            tiles.update(zip(self.by_chunk[c].tolist(), self._read(self.by_chunk[c])))
-            pending = rng.permutation(np.concatenate([pending, self.by_chunk[c]]))
-            while len(pending) >= self.batch_size and made < wanted:
-                batch, pending = pending[: self.batch_size], pending[self.batch_size :]
-                yield self._batch(batch, [tiles.pop(i) for i in batch.tolist()])
-                made += 1
-
-    def _eval_batches(self, chunks: list[int], total: int) -> Iterator[dict]:
-        """Every tile of the share in order, then repeats of its first tiles up to ``total``."""
+    def _eval_runs(self, chunks: list[int], total: int) -> list[tuple[int, np.ndarray]]:
+        """Every tile of the share in order, then repeats of its first tiles up to ``total``,
+        as runs of tiles of one chunk."""
         mine = np.concatenate([self.by_chunk[c] for c in chunks]) if chunks else np.empty(0, np.int64)
         if total > len(mine):  # repeats (the metrics de-duplicate them by index)
             pool = mine if len(mine) else np.concatenate(list(self.by_chunk.values()))
             mine = np.concatenate([mine, np.resize(pool, total - len(mine))])
-        for start in range(0, len(mine), self.batch_size):
-            batch = mine[start : start + self.batch_size]
-            yield self._batch(batch, list(self._read(batch)))
+        chunk = self.rows[mine] // self.chunk_tiles
+        starts = np.flatnonzero(np.diff(chunk, prepend=-1) != 0)
+        return [(int(chunk[s]), run) for s, run in zip(starts, np.split(mine, starts[1:]))]
 
-    def _read(self, indexes: np.ndarray) -> np.ndarray:
-        """Tiles of dataset ``indexes`` in their order, in one request per chunk."""
+    def _cut(self, runs: list[tuple[int, np.ndarray]], rng: np.random.Generator | None,
+             limit: int | None) -> Iterator[dict]:
+        """Batches of the runs' tiles: each run's chunk read once, its tiles added to those
+        still waiting (shuffled together when ``rng``); at most ``limit`` full batches, else
+        every tile, the last batch short."""
+        pending, held, made = np.empty(0, np.int64), {}, 0
+        for (c, indexes), rows in zip(runs, self._chunks([c for c, _ in runs])):
+            if made == limit:
+                return
+            held[c] = rows
+            pending = np.concatenate([pending, indexes])
+            if rng is not None:
+                pending = rng.permutation(pending)
+            while len(pending) >= self.batch_size and made != limit:
+                yield self._batch(pending[: self.batch_size], held)
+                pending, made = pending[self.batch_size :], made + 1
+            waiting = set((self.rows[pending] // self.chunk_tiles).tolist())
+            held = {k: v for k, v in held.items() if k in waiting}  # chunks no tile waits for are let go
+        if limit is None and len(pending):
+            yield self._batch(pending, held)
+
+    def _chunks(self, chunks: list[int]) -> Iterator[np.ndarray]:
+        """The rows of each chunk in turn, :data:`PREFETCH` requests ahead."""
+        pool = ThreadPoolExecutor(PREFETCH, thread_name_prefix="deforest-chunks")
+        ahead: deque[Future] = deque()
+        todo = iter(chunks)
+        try:
+            for c in todo:
+                ahead.append(pool.submit(self.layout.chunk, c))
+                if len(ahead) == PREFETCH:
+                    break
+            while ahead:
+                rows = ahead.popleft().result()
+                c = next(todo, None)
+                if c is not None:
+                    ahead.append(pool.submit(self.layout.chunk, c))
+                yield rows
+        finally:
+            pool.shutdown(wait=False, cancel_futures=True)
+
+    def _batch(self, indexes: np.ndarray, held: dict[int, np.ndarray]) -> dict:
+        """One batch copied tile by tile from the held chunks into a recycled buffer."""
         rows = self.rows[indexes]
-        order = np.argsort(rows, kind="stable")
-        out = np.empty((len(rows), len(self.dataset.bands), *self.layout.tiles.shape[2:]), self.layout.tiles.dtype)
-        out[order] = self.layout.read_rows(rows[order], self.dataset.bands)
-        return out
-
-    def _batch(self, indexes: np.ndarray, tiles: list[np.ndarray]) -> dict:
+        first = next(iter(held.values()))
+        augment = self.train and self.dataset.augment is not None
+        dtype = torch.float32 if augment else TORCH_DTYPES[first.dtype.name]
+        image = self.buffers.take((len(rows), len(self.channels), *first.shape[2:]), dtype)
+        out = image.numpy()
+        all_bands = len(self.channels) == first.shape[1] and (self.channels == np.arange(first.shape[1])).all()
+        for j, row in enumerate(rows.tolist()):
+            tile = held[row // self.chunk_tiles][row % self.chunk_tiles]
+            tile = tile if all_bands else tile[self.channels]
+            out[j] = self._augmented(tile) if augment else tile
         target = torch.from_numpy(np.asarray(self.dataset.targets[indexes]))
-        return {"image": torch.from_numpy(np.stack(tiles)), "target": target,
-                "index": torch.from_numpy(indexes.astype(np.int64)), "bad": []}
+        return {"image": image, "target": target, "index": torch.from_numpy(indexes.astype(np.int64)), "bad": []}
+
+    def _augmented(self, tile: np.ndarray) -> np.ndarray:
+        """A tile through the split's albumentations pipeline, as float32 with nodata filled first
+        (the pipeline may move or change pixels the batch transform would fill later)."""
+        tile = tile.astype(np.float32)
+        nodata = self.layout.record["nodata"]
+        if nodata is not None and self.dataset.fill is not None:
+            tile = fill_nodata(tile, valid_pixels(tile, nodata), self.dataset.fill)
+        return self.dataset._augmented(tile)
 
 
 def _rank_world() -> tuple[int, int]:
