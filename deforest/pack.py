@@ -29,7 +29,7 @@ import math
 import multiprocessing
 import os
 import shutil
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from concurrent.futures import FIRST_EXCEPTION, ProcessPoolExecutor, wait
 from dataclasses import dataclass
@@ -398,6 +398,17 @@ def open_pack(path: str | os.PathLike, cache_dir: str | os.PathLike | None = Non
     return PackedLayout(path)
 
 
+def copy_tiles(out: np.ndarray, tiles: Iterable[np.ndarray], channels: np.ndarray) -> None:
+    """Each ``[C, H, W]`` tile's ``channels`` into ``out[j]``, one tile at a time (faster than
+    ``np.take`` over the batch, which copies element by element)."""
+    all_bands = len(channels) == out.shape[1] and (channels == np.arange(len(channels))).all()
+    for j, tile in enumerate(tiles):
+        if all_bands and tile.shape[0] == len(channels):
+            out[j] = tile
+        else:
+            np.take(tile, channels, axis=0, out=out[j])
+
+
 class PackedLayout(TileLayout):
     """Serves a pack through the :class:`~deforest.datasets.TileLayout` interface, from the
     pack alone: index, labels, header and band statistics come from its files.
@@ -490,13 +501,7 @@ class PackedLayout(TileLayout):
         channels = np.asarray(bands) - 1
         shape, dtype = (len(rows), len(channels), *tiles.shape[2:]), TORCH_DTYPES[tiles.dtype.name]
         image = batch_tensor(shape, dtype, buffers)
-        out = image.numpy()
-        all_bands = len(channels) == tiles.shape[1] and (channels == np.arange(tiles.shape[1])).all()
-        for j, row in enumerate(rows.tolist()):  # per row: faster than np.take, which copies by element
-            if all_bands:
-                out[j] = tiles[row]
-            else:
-                np.take(tiles[row], channels, axis=0, out=out[j])
+        copy_tiles(image.numpy(), (tiles[row] for row in rows.tolist()), channels)
         indices = torch.as_tensor(list(indices), dtype=torch.long)
         return {"image": image, "target": torch.from_numpy(targets[indices.numpy()]), "index": indices, "bad": []}
 

@@ -38,7 +38,7 @@ from zarr.storage import FsspecStore
 
 from deforest.batch_buffers import TORCH_DTYPES, BatchBuffers
 from deforest.datasets import DatasetError
-from deforest.pack import INDEX, STATS, TARGETS, TILES, PackedLayout
+from deforest.pack import INDEX, STATS, TARGETS, TILES, PackedLayout, copy_tiles
 from deforest.validation import fill_nodata, valid_pixels
 
 log = logging.getLogger(__name__)
@@ -298,12 +298,13 @@ class StreamedSplit(IterableDataset):
         augment = self.train and self.dataset.augment is not None
         dtype = torch.float32 if augment else TORCH_DTYPES[first.dtype.name]
         image = self.buffers.take((len(rows), len(self.channels), *first.shape[2:]), dtype)
-        out = image.numpy()
-        all_bands = len(self.channels) == first.shape[1] and (self.channels == np.arange(first.shape[1])).all()
-        for j, row in enumerate(rows.tolist()):
-            tile = held[row // self.chunk_tiles][row % self.chunk_tiles]
-            tile = tile if all_bands else tile[self.channels]
-            out[j] = self._augmented(tile) if augment else tile
+        tiles = (held[row // self.chunk_tiles][row % self.chunk_tiles] for row in rows.tolist())
+        if augment:
+            out = image.numpy()
+            for j, tile in enumerate(tiles):
+                out[j] = self._augmented(tile[self.channels])
+        else:
+            copy_tiles(image.numpy(), tiles, self.channels)
         target = torch.from_numpy(np.asarray(self.dataset.targets[indexes]))
         return {"image": image, "target": target, "index": torch.from_numpy(indexes.astype(np.int64)), "bad": []}
 
