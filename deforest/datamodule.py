@@ -94,17 +94,28 @@ class TileDataset(Dataset):
             image, nodata = self.layout.read_with_nodata(self.sources[i], self.bands, native=native)
         else:
             image, nodata = self.layout.read(self.sources[i], self.bands), self.nodata
+        return self._checked(i, image, nodata)
+
+    def _checked(self, i: int, image: np.ndarray, nodata) -> tuple[np.ndarray, np.ndarray | None]:
         if image.dtype.name not in TORCH_DTYPES:  # int32, float64, ...: as float32
             image = image.astype(np.float32)
         valid = valid_pixels(image, nodata)
         check_pixels(self.sources[i], image, valid)
         return image, valid
 
+    def _filled(self, image: np.ndarray, valid: np.ndarray | None) -> np.ndarray:
+        return image if self.fill is None else fill_nodata(image, valid, self.fill)
+
     def read(self, i: int, native: bool = False) -> np.ndarray:
         """The tile's selected bands, nodata pixels filled with ``fill`` when given (a filled
         tile is float32, whatever ``native``)."""
-        image, valid = self.read_valid(i, native)
-        return image if self.fill is None else fill_nodata(image, valid, self.fill)
+        return self._filled(*self.read_valid(i, native))
+
+    def prepared(self, i: int, image: np.ndarray, layout_nodata: float | None) -> np.ndarray:
+        """Tile ``i``'s selected bands read elsewhere (a streamed chunk's row) made as
+        ``self[i]`` makes them: checked, nodata filled, then augmented."""
+        nodata = layout_nodata if self.nodata is None else self.nodata
+        return self._augmented(self._filled(*self._checked(i, image, nodata)))
 
     def _augmented(self, image: np.ndarray) -> np.ndarray:
         """``[C, H, W]`` through the albumentations pipeline (on ``[H, W, C]``), possibly a strided view."""

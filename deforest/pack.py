@@ -505,8 +505,12 @@ class PackedLayout(TileLayout):
         indices = torch.as_tensor(list(indices), dtype=torch.long)
         return {"image": image, "target": torch.from_numpy(targets[indices.numpy()]), "index": indices, "bad": []}
 
+    def row(self, row: int) -> np.ndarray:
+        """One stored ``[C, H, W]`` tile, in the stored dtype."""
+        return self.tiles[row]
+
     def read(self, source: str, bands: Sequence[int] | None) -> np.ndarray:
-        tile = self.tiles[self.rows[source]]
+        tile = self.row(self.rows[source])
         if bands is not None and list(bands) != list(range(1, tile.shape[0] + 1)):
             tile = tile[np.asarray(bands) - 1]
         return tile.astype(np.float32)

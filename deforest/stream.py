@@ -39,7 +39,6 @@ from zarr.storage import FsspecStore
 from deforest.batch_buffers import TORCH_DTYPES, BatchBuffers
 from deforest.datasets import DatasetError
 from deforest.pack import INDEX, STATS, TARGETS, TILES, PackedLayout, copy_tiles
-from deforest.validation import fill_nodata, valid_pixels
 
 log = logging.getLogger(__name__)
 
@@ -88,9 +87,9 @@ class ChunkCache:
             except FileExistsError:
                 pass
             partial.unlink()
+        self.path = path
         self.tiles = np.load(path, mmap_mode="r")
         self._row_bytes = math.prod(shape[1:]) * np.dtype(dtype).itemsize
-        self._fd = os.open(path, os.O_WRONLY)
 
     @classmethod
     def beside(cls, base: Path, record: dict) -> ChunkCache | None:
@@ -129,9 +128,10 @@ class ChunkCache:
         view = memoryview(np.ascontiguousarray(rows)).cast("B")
         offset = self.tiles.offset + start * self._row_bytes
         try:
-            while len(view):
-                written = os.pwrite(self._fd, view, offset)
-                view, offset = view[written:], offset + written
+            with open(self.path, "r+b", buffering=0) as file:  # one open per chunk: no descriptor outlives a write
+                while len(view):
+                    written = os.pwrite(file.fileno(), view, offset)
+                    view, offset = view[written:], offset + written
             self._marker(start, start + len(rows)).touch()
         except OSError as err:
             self.enabled = False
@@ -186,12 +186,9 @@ class RemotePack(PackedLayout):
         """The batches of ``dataset`` (a split) for a DataLoader with ``batch_size=None``."""
         return StreamedSplit(dataset, batch_size, train, seed)
 
-    def read(self, source: str, bands: Sequence[int] | None) -> np.ndarray:
-        row = self.rows[source]
-        tile = self.chunk(row // self.chunk_tiles)[row % self.chunk_tiles]
-        if bands is not None and list(bands) != list(range(1, tile.shape[0] + 1)):
-            tile = tile[np.asarray(bands) - 1]
-        return tile.astype(np.float32)
+    def row(self, row: int) -> np.ndarray:
+        """One stored tile, through its chunk (so a single read also fills the cache)."""
+        return self.chunk(row // self.chunk_tiles)[row % self.chunk_tiles]
 
 
 class StreamedSplit(IterableDataset):
@@ -300,22 +297,13 @@ class StreamedSplit(IterableDataset):
         image = self.buffers.take((len(rows), len(self.channels), *first.shape[2:]), dtype)
         tiles = (held[row // self.chunk_tiles][row % self.chunk_tiles] for row in rows.tolist())
         if augment:
-            out = image.numpy()
-            for j, tile in enumerate(tiles):
-                out[j] = self._augmented(tile[self.channels])
+            out, nodata = image.numpy(), self.layout.record["nodata"]
+            for j, (index, tile) in enumerate(zip(indexes.tolist(), tiles)):
+                out[j] = self.dataset.prepared(index, tile[self.channels].astype(np.float32), nodata)
         else:
             copy_tiles(image.numpy(), tiles, self.channels)
         target = torch.from_numpy(np.asarray(self.dataset.targets[indexes]))
         return {"image": image, "target": target, "index": torch.from_numpy(indexes.astype(np.int64)), "bad": []}
-
-    def _augmented(self, tile: np.ndarray) -> np.ndarray:
-        """A tile through the split's albumentations pipeline, as float32 with nodata filled first
-        (the pipeline may move or change pixels the batch transform would fill later)."""
-        tile = tile.astype(np.float32)
-        nodata = self.layout.record["nodata"]
-        if nodata is not None and self.dataset.fill is not None:
-            tile = fill_nodata(tile, valid_pixels(tile, nodata), self.dataset.fill)
-        return self.dataset._augmented(tile)
 
 
 def _rank_world() -> tuple[int, int]:

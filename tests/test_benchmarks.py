@@ -16,6 +16,8 @@ NAMES = {
     "weighting_step_overhead", "predict_vs_forward", "predict_rss_8192_vs_2048",
     "stream_vs_packed", "index_s_per_1k_patches", "pack_second_start_s",
 }
+#: rows that explain a goal's figure and have no goal of their own
+CONTEXT = {"stream_first_pass_vs_packed", "stream_uncached_vs_packed", "stream_uncached_vs_s3_get"}
 
 
 @pytest.mark.slow
@@ -31,6 +33,9 @@ def test_quick_benchmark_writes_every_measure(tmp_path):
         assert row["value"] > 0 and row["baseline"] > 0, (name, row)
         assert math.isclose(row["ratio"], row["value"] / row["baseline"]), (name, row)
         assert row["goal"].split()[0] in (">=", "<=") and isinstance(row["met"], bool)
+    for name in CONTEXT:
+        assert results[name]["ratio"] > 0 and results[name]["goal"] is None and results[name]["met"] is None
+    assert "| stream_uncached_vs_s3_get |" in done.stdout and "| context | - |" in done.stdout
     assert results["_run"]["default_epoch_seconds"] > 0
     assert "| loader_vs_torchgeo |" in done.stdout
     assert not list(tmp_path.glob("*.tmp"))  # written atomically
