@@ -17,7 +17,8 @@ NAMES = {
     "stream_vs_packed", "index_s_per_1k_patches", "pack_second_start_s",
 }
 #: rows that explain a goal's figure and have no goal of their own
-CONTEXT = {"stream_first_pass_vs_packed", "stream_uncached_vs_packed", "stream_uncached_vs_s3_get"}
+CONTEXT = {"stream_first_pass_vs_packed", "stream_uncached_vs_packed", "stream_uncached_vs_s3_get",
+           "weighting_step_paired"}
 
 
 @pytest.mark.slow
