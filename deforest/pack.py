@@ -29,6 +29,7 @@ import math
 import multiprocessing
 import os
 import shutil
+import warnings
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from concurrent.futures import FIRST_EXCEPTION, ProcessPoolExecutor, wait
@@ -426,6 +427,7 @@ class PackedLayout(TileLayout):
         self.root = Path(self.record["root"])
         self.band_names = self.record["band_names"]
         self._tiles: np.ndarray | None = None
+        self._planes: torch.Tensor | None = None
         if list(self.tiles.shape) != self.record["shape"]:
             raise DatasetError(f"{self.path / TILES}: shape {list(self.tiles.shape)} does not match its index")
         self.rows = {source: row for row, source in enumerate(self.record["sources"])}
@@ -445,8 +447,20 @@ class PackedLayout(TileLayout):
                 raise DatasetError(f"{self.path / TILES}: not a pack array ({str(err).splitlines()[0][:200]})") from None
             if tiles.dtype.kind not in "uif" or tiles.ndim != 4:
                 raise DatasetError(f"{self.path / TILES}: not a pack array (dtype {tiles.dtype}, {tiles.ndim} dimensions)")
-            self._tiles = tiles
+            self._tiles = tiles.view(np.ndarray)  # np.memmap's Python-level indexing costs µs per tile
         return self._tiles
+
+    @property
+    def planes(self) -> torch.Tensor:
+        """The memory map as one ``[N * C, H, W]`` tensor of band planes, for :meth:`gather`.
+
+        The mapping stays read-only (a private writable one would be charged against memory
+        for the pack's whole size); torch warns about that, and nothing ever writes to it."""
+        if self._planes is None:
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+                self._planes = torch.from_numpy(self.tiles).flatten(0, 1)
+        return self._planes
 
     @property
     def header(self) -> RasterHeader:
@@ -456,7 +470,7 @@ class PackedLayout(TileLayout):
 
     def __getstate__(self) -> dict:
         # spawned DataLoader workers map the file themselves instead of unpickling a copy
-        return {**self.__dict__, "_tiles": None}
+        return {**self.__dict__, "_tiles": None, "_planes": None}
 
     def _check_stamps(self) -> None:
         sources = self.record["sources"]
@@ -494,14 +508,17 @@ class PackedLayout(TileLayout):
 
     def gather(self, sources: Sequence[str], indices: Sequence[int], bands: Sequence[int], targets: np.ndarray,
                buffers: BatchBuffers | None = None) -> dict:
-        """The batch of ``sources[indices]`` copied row by row from the memory map, in the stored
-        dtype, into a recycled buffer of ``buffers`` (see :func:`batch_tensor`)."""
+        """The batch of ``sources[indices]`` in the stored dtype, copied from the memory map into a
+        recycled buffer of ``buffers`` (see :func:`batch_tensor`) by one ``index_select`` over
+        the band planes: one call, band selection included, at or above memcpy speed
+        (benchmarks/README.md, ``packed_vs_memcpy``)."""
         rows = self.rows_of([sources[i] for i in indices])
         tiles = self.tiles
         channels = np.asarray(bands) - 1
         shape, dtype = (len(rows), len(channels), *tiles.shape[2:]), TORCH_DTYPES[tiles.dtype.name]
         image = batch_tensor(shape, dtype, buffers)
-        copy_tiles(image.numpy(), (tiles[row] for row in rows.tolist()), channels)
+        planes = torch.from_numpy((rows[:, None] * tiles.shape[1] + channels[None, :]).ravel())
+        torch.index_select(self.planes, 0, planes, out=image.view(-1, *tiles.shape[2:]))
         indices = torch.as_tensor(list(indices), dtype=torch.long)
         return {"image": image, "target": torch.from_numpy(targets[indices.numpy()]), "index": indices, "bad": []}
 
