@@ -399,15 +399,15 @@ def open_pack(path: str | os.PathLike, cache_dir: str | os.PathLike | None = Non
     return PackedLayout(path)
 
 
-def copy_tiles(out: np.ndarray, tiles: Iterable[np.ndarray], channels: np.ndarray) -> None:
-    """Each ``[C, H, W]`` tile's ``channels`` into ``out[j]``, one tile at a time (faster than
-    ``np.take`` over the batch, which copies element by element)."""
-    all_bands = len(channels) == out.shape[1] and (channels == np.arange(len(channels))).all()
-    for j, tile in enumerate(tiles):
-        if all_bands and tile.shape[0] == len(channels):
-            out[j] = tile
-        else:
-            np.take(tile, channels, axis=0, out=out[j])
+def gather_planes(out: torch.Tensor, tiles: np.ndarray, rows: np.ndarray, channels: np.ndarray) -> None:
+    """``tiles[rows][:, channels]`` into the contiguous ``out`` by one ``torch.index_select`` over
+    ``tiles`` seen as ``[N * C, H, W]`` band planes: at the speed of copying the bytes, where a
+    Python loop of row copies ran at half of it (docs/packing.md)."""
+    with warnings.catch_warnings():  # a read-only memory map: torch only reads it here
+        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+        planes = torch.from_numpy(tiles).flatten(0, 1)
+    index = torch.from_numpy((rows[:, None] * tiles.shape[1] + channels[None, :]).ravel())
+    torch.index_select(planes, 0, index, out=out.view(-1, *tiles.shape[2:]))
 
 
 class PackedLayout(TileLayout):
@@ -427,7 +427,6 @@ class PackedLayout(TileLayout):
         self.root = Path(self.record["root"])
         self.band_names = self.record["band_names"]
         self._tiles: np.ndarray | None = None
-        self._planes: torch.Tensor | None = None
         if list(self.tiles.shape) != self.record["shape"]:
             raise DatasetError(f"{self.path / TILES}: shape {list(self.tiles.shape)} does not match its index")
         self.rows = {source: row for row, source in enumerate(self.record["sources"])}
@@ -451,18 +450,6 @@ class PackedLayout(TileLayout):
         return self._tiles
 
     @property
-    def planes(self) -> torch.Tensor:
-        """The memory map as one ``[N * C, H, W]`` tensor of band planes, for :meth:`gather`.
-
-        The mapping stays read-only (a private writable one would be charged against memory
-        for the pack's whole size); torch warns about that, and nothing ever writes to it."""
-        if self._planes is None:
-            with warnings.catch_warnings():
-                warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
-                self._planes = torch.from_numpy(self.tiles).flatten(0, 1)
-        return self._planes
-
-    @property
     def header(self) -> RasterHeader:
         """The packed sources' header (band count, size, dtype, nodata)."""
         h = self.record["header"]
@@ -470,7 +457,7 @@ class PackedLayout(TileLayout):
 
     def __getstate__(self) -> dict:
         # spawned DataLoader workers map the file themselves instead of unpickling a copy
-        return {**self.__dict__, "_tiles": None, "_planes": None}
+        return {**self.__dict__, "_tiles": None}
 
     def _check_stamps(self) -> None:
         sources = self.record["sources"]
@@ -509,16 +496,14 @@ class PackedLayout(TileLayout):
     def gather(self, sources: Sequence[str], indices: Sequence[int], bands: Sequence[int], targets: np.ndarray,
                buffers: BatchBuffers | None = None) -> dict:
         """The batch of ``sources[indices]`` in the stored dtype, copied from the memory map into a
-        recycled buffer of ``buffers`` (see :func:`batch_tensor`) by one ``index_select`` over
-        the band planes: one call, band selection included, at or above memcpy speed
-        (benchmarks/README.md, ``packed_vs_memcpy``)."""
+        recycled buffer of ``buffers`` (see :func:`batch_tensor`) in one call, band selection
+        included (:func:`gather_planes`)."""
         rows = self.rows_of([sources[i] for i in indices])
         tiles = self.tiles
         channels = np.asarray(bands) - 1
         shape, dtype = (len(rows), len(channels), *tiles.shape[2:]), TORCH_DTYPES[tiles.dtype.name]
         image = batch_tensor(shape, dtype, buffers)
-        planes = torch.from_numpy((rows[:, None] * tiles.shape[1] + channels[None, :]).ravel())
-        torch.index_select(self.planes, 0, planes, out=image.view(-1, *tiles.shape[2:]))
+        gather_planes(image, tiles, rows, channels)
         indices = torch.as_tensor(list(indices), dtype=torch.long)
         return {"image": image, "target": torch.from_numpy(targets[indices.numpy()]), "index": indices, "bad": []}
 

@@ -38,7 +38,7 @@ from zarr.storage import FsspecStore
 
 from deforest.batch_buffers import TORCH_DTYPES, BatchBuffers
 from deforest.datasets import DatasetError
-from deforest.pack import INDEX, STATS, TARGETS, TILES, PackedLayout, copy_tiles
+from deforest.pack import INDEX, STATS, TARGETS, TILES, PackedLayout, gather_planes
 
 log = logging.getLogger(__name__)
 
@@ -289,19 +289,26 @@ class StreamedSplit(IterableDataset):
             pool.shutdown(wait=False, cancel_futures=True)
 
     def _batch(self, indexes: np.ndarray, held: dict[int, np.ndarray]) -> dict:
-        """One batch copied tile by tile from the held chunks into a recycled buffer."""
+        """One batch copied from the held chunks into a recycled buffer: one gather per chunk,
+        its tiles side by side (the order within a batch is free), or tile by tile through a
+        worker-side augmentation."""
+        augment = self.train and self.dataset.augment is not None
+        if not augment:
+            indexes = indexes[np.argsort(self.rows[indexes] // self.chunk_tiles, kind="stable")]
         rows = self.rows[indexes]
         first = next(iter(held.values()))
-        augment = self.train and self.dataset.augment is not None
         dtype = torch.float32 if augment else TORCH_DTYPES[first.dtype.name]
         image = self.buffers.take((len(rows), len(self.channels), *first.shape[2:]), dtype)
-        tiles = (held[row // self.chunk_tiles][row % self.chunk_tiles] for row in rows.tolist())
         if augment:
             out, nodata = image.numpy(), self.layout.record["nodata"]
-            for j, (index, tile) in enumerate(zip(indexes.tolist(), tiles)):
+            for j, (index, row) in enumerate(zip(indexes.tolist(), rows.tolist())):
+                tile = held[row // self.chunk_tiles][row % self.chunk_tiles]
                 out[j] = self.dataset.prepared(index, tile[self.channels].astype(np.float32), nodata)
         else:
-            copy_tiles(image.numpy(), tiles, self.channels)
+            chunk = rows // self.chunk_tiles
+            starts = np.flatnonzero(np.diff(chunk, prepend=-1)).tolist()
+            for a, b in zip(starts, [*starts[1:], len(rows)]):
+                gather_planes(image[a:b], held[int(chunk[a])], rows[a:b] % self.chunk_tiles, self.channels)
         target = torch.from_numpy(np.asarray(self.dataset.targets[indexes]))
         return {"image": image, "target": target, "index": torch.from_numpy(indexes.astype(np.int64)), "bad": []}
 
