@@ -63,11 +63,12 @@ def weighting(batch: int, size: int, reps: int) -> dict:
         # each repetition: two steps of each loss in ABBA order (BAAB the next time), so a
         # drift of the machine's speed within the repetition hits both alike
         order = ["weighted", "unweighted", "unweighted", "weighted"]
+        sequence = order if rep % 2 == 0 else order[::-1]
         seconds: dict[str, list[float]] = {name: [] for name in losses}
         loss_seconds: dict[str, list[float]] = {name: [] for name in losses}
-        for name in order if rep % 2 == 0 else order[::-1]:
+        for name in sequence:
             seconds[name].append(step(losses[name]))
-        for name in order if rep % 2 == 0 else order[::-1]:
+        for name in sequence:
             loss_seconds[name].append(loss_only(losses[name]))
         for name in losses:
             times[name].append(sum(seconds[name]) / len(seconds[name]))

@@ -244,9 +244,7 @@ class StreamedSplit(IterableDataset):
         if total > len(mine):  # repeats (the metrics de-duplicate them by index)
             pool = mine if len(mine) else np.concatenate(list(self.by_chunk.values()))
             mine = np.concatenate([mine, np.resize(pool, total - len(mine))])
-        chunk = self.rows[mine] // self.chunk_tiles
-        starts = np.flatnonzero(np.diff(chunk, prepend=-1) != 0)
-        return [(int(chunk[s]), run) for s, run in zip(starts, np.split(mine, starts[1:]))]
+        return [(c, mine[a:b]) for c, a, b in _runs(self.rows[mine] // self.chunk_tiles)]
 
     def _cut(self, runs: list[tuple[int, np.ndarray]], rng: np.random.Generator | None,
              limit: int | None) -> Iterator[dict]:
@@ -305,12 +303,16 @@ class StreamedSplit(IterableDataset):
                 tile = held[row // self.chunk_tiles][row % self.chunk_tiles]
                 out[j] = self.dataset.prepared(index, tile[self.channels].astype(np.float32), nodata)
         else:
-            chunk = rows // self.chunk_tiles
-            starts = np.flatnonzero(np.diff(chunk, prepend=-1)).tolist()
-            for a, b in zip(starts, [*starts[1:], len(rows)]):
-                gather_planes(image[a:b], held[int(chunk[a])], rows[a:b] % self.chunk_tiles, self.channels)
+            for c, a, b in _runs(rows // self.chunk_tiles):
+                gather_planes(image[a:b], held[c], rows[a:b] % self.chunk_tiles, self.channels)
         target = torch.from_numpy(np.asarray(self.dataset.targets[indexes]))
         return {"image": image, "target": target, "index": torch.from_numpy(indexes.astype(np.int64)), "bad": []}
+
+
+def _runs(chunk: np.ndarray) -> list[tuple[int, int, int]]:
+    """``(chunk id, start, stop)`` of each run of equal chunk ids in ``chunk``."""
+    starts = np.flatnonzero(np.diff(chunk, prepend=-1)).tolist()
+    return [(int(chunk[a]), a, b) for a, b in zip(starts, [*starts[1:], len(chunk)])]
 
 
 def _rank_world() -> tuple[int, int]:
