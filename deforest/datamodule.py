@@ -18,7 +18,6 @@ import albumentations as A
 import lightning.pytorch as pl
 from lightning.fabric.utilities.seed import pl_worker_init_function
 import numpy as np
-import rasterio
 import torch
 from torch.utils.data import DataLoader, Dataset
 
@@ -32,7 +31,7 @@ from deforest.datasets import (
     apply_split_lists,
     describe_split_counts,
 )
-from deforest.io import RasterHeader, TileError, file_fingerprint, read_header, resolve_bands
+from deforest.io import RasterHeader, TileError, file_fingerprint, pixel_reads, read_header, resolve_bands
 from deforest.batch_buffers import TORCH_DTYPES, BatchBuffers, batch_tensor
 from deforest.batch_transforms import PackedBatchTransform, collate_batches, is_device_d4
 from deforest.pack import PackedLayout, open_pack
@@ -145,7 +144,7 @@ class TileDataset(Dataset):
         and copied once, into the batch tensor (shared memory in a worker); bad tiles ride along
         as ``batch["bad"]``."""
         tiles, good, bad = [], [], []
-        with rasterio.Env():  # one GDAL environment for the batch, not one per open
+        with pixel_reads():  # one GDAL environment for the batch, not one per open
             for i in indices:
                 try:
                     tiles.append(self._augmented(self.read(i, native=True)))
@@ -533,12 +532,13 @@ class TileDataModule(pl.LightningDataModule):
         """Read every pixel once (``validate=full``): unreadable, NaN/inf or all-nodata tiles are bad."""
         index = self._index()
         probe = TileDataset(self.layout, index.sources, index.targets, self.bands)
-        for i, source in enumerate(probe.sources):
-            if source not in self.bad_tiles.problems:
-                try:
-                    probe.read_valid(i)
-                except TileError as err:
-                    self.bad_tiles.add(err, source)
+        with pixel_reads():
+            for i, source in enumerate(probe.sources):
+                if source not in self.bad_tiles.problems:
+                    try:
+                        probe.read_valid(i)
+                    except TileError as err:
+                        self.bad_tiles.add(err, source)
 
     def _normalization(self) -> Normalization:
         """The checkpoint's normalisation, or per-band statistics of (a seeded sample of) the
@@ -558,10 +558,11 @@ class TileDataModule(pl.LightningDataModule):
         cached = self.cache.load("stats", key, lambda value: _valid_stats_cache(value, self.num_bands))
         if cached is None:
             reader = TileDataset(self.layout, [index.sources[i] for i in rows], index.targets[rows], self.bands)
-            mean, std = measure_band_statistics(
-                reader.read_valid, len(reader), self.num_bands, self.log_scale,
-                lambda err, i: self.bad_tiles.add(err, reader.sources[i]),
-            )
+            with pixel_reads():
+                mean, std = measure_band_statistics(
+                    reader.read_valid, len(reader), self.num_bands, self.log_scale,
+                    lambda err, i: self.bad_tiles.add(err, reader.sources[i]),
+                )
             cached = {"mean": mean, "std": std}
             self.cache.store("stats", key, cached)
         return Normalization(cached["mean"], cached["std"], transform=transform)

@@ -28,7 +28,7 @@ from rasterio.windows import Window
 
 from deforest.contract import InputSpec
 from deforest.datasets import MULTICLASS, TILE_SUFFIXES
-from deforest.io import TileError, read_header, read_raster
+from deforest.io import TileError, pixel_reads, read_header, read_raster
 from deforest.module import TileClassifier
 from deforest.scene import Scene
 
@@ -355,7 +355,8 @@ def predict_tiles(
         writer = csv.writer(handle)
         writer.writerow(["path", "predicted", *[f"p_{name}" for name in spec.class_names]])
         for batch in _batches(paths, batch_size):
-            images = [read_raster(p, spec.bands) for p in batch]
+            with pixel_reads():
+                images = [read_raster(p, spec.bands) for p in batch]
             for path, image in zip(batch, images):
                 if image.shape != images[0].shape:
                     raise TileError(path, f"is {image.shape[1]}x{image.shape[2]}, not {images[0].shape[1]}x{images[0].shape[2]} like {batch[0]}")
