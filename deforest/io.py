@@ -98,7 +98,8 @@ def pixel_reads() -> Iterator[None]:
     reading a EuroSAT tile, benchmarks/README.md), which reading pixels never uses. Inside,
     GDAL looks for no georeferencing (``GDAL_GEOREF_SOURCES=NONE``): same pixels, same nodata
     (a tile with an ``.aux.xml`` sidecar is opened with that as its one source, see
-    :func:`open_raster`), no CRS or transform, so headers are read outside it (:func:`read_header`). rasterio's environment is per thread; the warning filter is not,
+    :func:`open_raster`), no CRS or transform, so headers are read outside it
+    (:func:`read_header`). rasterio's environment is per thread; the warning filter is not,
     and only hides the "no geotransform" warning of these opens.
     """
     with warnings.catch_warnings():
