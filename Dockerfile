@@ -22,6 +22,7 @@ ARG PIP_CERT
 ENV VIRTUAL_ENV=/opt/deforest \
     PATH=/opt/deforest/bin:$PATH \
     PYTHONUNBUFFERED=1 \
+    NO_ALBUMENTATIONS_UPDATE=1 \
     DEFOREST_DATA_DIR=/data \
     DEFOREST_LOG_DIR=/logs \
     DEFOREST_CACHE_DIR=/tmp/deforest-cache

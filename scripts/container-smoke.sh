@@ -60,5 +60,8 @@ buildah run --isolation chroot -v "$REPO/data/eurosat-ms:/data:ro" "$ctr" -- \
 uid=$(buildah run --isolation chroot "$ctr" -- id -u)
 [ "$uid" != 0 ] || { echo "container-smoke: training ran as root" >&2; exit 1; }
 buildah run --isolation chroot "$ctr" -- sh -c 'python -c "import json,glob,sys; m=json.load(open(glob.glob(\"/logs/train/runs/*/metrics.json\")[0])); print(\"test/accuracy\", m[\"test/accuracy\"])"'
+# the working container still holds the image: remove it first, or `buildah rmi` refuses (exit 1)
+buildah rm "$ctr" >/dev/null
+ctr=""
 [ "${KEEP:-0}" = 1 ] || buildah rmi "$IMAGE" >/dev/null
 echo "container-smoke: OK"

@@ -14,3 +14,8 @@ OPENMP_WAIT_VARIABLES = ("GOMP_SPINCOUNT", "OMP_WAIT_POLICY")
 
 if not any(name in os.environ for name in OPENMP_WAIT_VARIABLES):
     os.environ["GOMP_SPINCOUNT"] = "1000"
+
+# albumentations asks PyPI for its newest version at import: on air-gapped GPU machines and in
+# the container that is a network timeout and an SSL warning on every run. A user who set the
+# variable keeps their choice.
+os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
