@@ -4,19 +4,31 @@ A pack serves a batch in one gather, in the stored dtype (uint16 for Sentinel-2:
 bytes of float32 through the worker queue, pinned memory and the host-to-device copy).
 :class:`PackedBatchTransform` then turns it into the float32 values the file reader gives,
 on whatever device the batch reached (the GPU in training, the CPU otherwise), with the
-same values as :func:`deforest.validation.fill_nodata`; D4 augmentation of such batches is
-:func:`deforest.transforms.random_d4`, also on the device.
+same values as :func:`deforest.validation.fill_nodata`, whatever the stored dtype (a pack of
+int32, float32 or float64 sources stores float32 and its nodata pixels still hold -9999 or
+NaN); D4 augmentation of such batches is :func:`deforest.transforms.random_d4`, also on the
+device.
+
+A batch still in its stored form says so: it carries the pack's ``nodata`` (``None``: the pack
+declares none). Batches without that key were filled as they were read (file tiles, each with
+its own nodata, and tiles augmented in the workers).
 """
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
-import albumentations as A
 import torch
 from torch import Tensor
 
-from deforest.validation import collate_tiles
+from deforest.contract import InputSpec
+from deforest.validation import collate_tiles, is_nodata
+
+if TYPE_CHECKING:
+    # annotations only: the bare GPU machines of scripts/gpu-check.sh have no albumentations
+    import albumentations as A
 
 
 def collate_batches(items: list[dict] | dict) -> dict:
@@ -27,27 +39,33 @@ def collate_batches(items: list[dict] | dict) -> dict:
 def is_device_d4(transforms: Sequence[A.BasicTransform]) -> bool:
     """The augmentation is exactly a uniform random D4 element (``SquareSymmetry(p=1)``),
     which :func:`deforest.transforms.random_d4` draws from the same distribution on the device."""
-    return len(transforms) == 1 and type(transforms[0]) is A.SquareSymmetry and transforms[0].p == 1.0
+    # a transform of albumentations exists only once it was imported: importing it here would make
+    # it a dependency of every training run, also of trainer=gpu's, which has no pipeline
+    albumentations = sys.modules.get("albumentations")
+    return (albumentations is not None and len(transforms) == 1
+            and type(transforms[0]) is albumentations.SquareSymmetry and transforms[0].p == 1.0)
 
 
 class PackedBatchTransform:
-    """Stored-dtype pixels to float32, nodata pixels set to their band's ``fill`` value
-    (``nodata=None`` for file batches, which are filled as they are read).
+    """Stored-dtype pixels to float32; in a batch that carries its ``nodata`` (a pack's, in the
+    stored form), the pixels holding it get their band's fill from ``spec``, the contract the
+    model is built with (read at each batch: a contract given later is used from then on).
 
-    Free of host synchronisation: a comparison and a ``torch.where`` on the batch's device.
-    Float batches (per-tile reads, already converted in the workers) pass unchanged.
+    Free of host synchronisation: comparisons and a ``torch.where`` on the batch's device.
     """
 
-    def __init__(self, nodata: float | None, fill: Sequence[float]) -> None:
-        self.nodata = nodata
-        self.fill = torch.as_tensor(list(fill), dtype=torch.float32).view(1, -1, 1, 1)
+    def __init__(self, spec: InputSpec) -> None:
+        self.spec = spec
 
     def __call__(self, batch: dict) -> dict:
         image: Tensor = batch["image"]
-        if image.is_floating_point() or image.numel() == 0:
+        nodata = batch.get("nodata")
+        if "nodata" in batch:
+            batch = {k: v for k, v in batch.items() if k != "nodata"}  # the model sees what file batches hold
+        if image.numel() == 0 or (image.dtype == torch.float32 and nodata is None):
             return batch
         x = image.to(torch.float32)
-        if self.nodata is not None:
-            fill = self.fill.to(x.device, non_blocking=True)
-            x = torch.where(x == self.nodata, fill, x)
+        if nodata is not None:
+            fill = torch.as_tensor(self.spec.fill, dtype=torch.float32).view(1, -1, 1, 1).to(x.device, non_blocking=True)
+            x = torch.where(is_nodata(x, nodata), fill, x)
         return {**batch, "image": x}

@@ -8,13 +8,14 @@ process and before the first training step, with the file named.
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import albumentations as A
 import lightning.pytorch as pl
 from lightning.fabric.utilities.seed import pl_worker_init_function
 import numpy as np
@@ -48,6 +49,11 @@ from deforest.validation import (
     valid_pixels,
 )
 
+if TYPE_CHECKING:
+    # annotations only: deforest.transforms imports it where a pipeline is built (trainer=gpu has
+    # none, and the bare GPU machines of scripts/gpu-check.sh have no albumentations)
+    import albumentations as A
+
 log = logging.getLogger(__name__)
 # headers read to decide the dataset's band count and tile size (the commonest wins)
 REFERENCE_SAMPLE = 32
@@ -68,7 +74,7 @@ class TileDataset(Dataset):
         bands: Sequence[int],
         augment: A.Compose | None = None,
         nodata: float | None = None,
-        fill: Sequence[float] | None = None,
+        spec: InputSpec | None = None,
     ) -> None:
         self.layout = layout
         self.sources = list(sources)
@@ -76,7 +82,8 @@ class TileDataset(Dataset):
         self.bands = list(bands)
         self.augment = augment
         self.nodata = nodata
-        self.fill = fill
+        #: the contract whose fill nodata pixels get (``None``: left as read, for statistics)
+        self.spec = spec
         self.buffers = BatchBuffers()
 
     def __len__(self) -> int:
@@ -103,11 +110,11 @@ class TileDataset(Dataset):
         return image, valid
 
     def _filled(self, image: np.ndarray, valid: np.ndarray | None) -> np.ndarray:
-        return image if self.fill is None else fill_nodata(image, valid, self.fill)
+        return image if self.spec is None else fill_nodata(image, valid, self.spec.fill)
 
     def read(self, i: int, native: bool = False) -> np.ndarray:
-        """The tile's selected bands, nodata pixels filled with ``fill`` when given (a filled
-        tile is float32, whatever ``native``)."""
+        """The tile's selected bands, nodata pixels given the fill of ``spec`` when given (a
+        filled tile is float32, whatever ``native``)."""
         return self._filled(*self.read_valid(i, native))
 
     def prepared(self, i: int, image: np.ndarray, layout_nodata: float | None) -> np.ndarray:
@@ -275,6 +282,8 @@ class TileDataModule(pl.LightningDataModule):
         self.dropped_at_edges = 0
         #: the contract the model is built from (after :meth:`setup`)
         self.input_spec: InputSpec | None = None
+        self._gloo = None  # see _host_group
+        self._flips: tuple[torch.device, torch.Generator] | None = None  # see _flip_generator
         #: set by ``setup("test"|"predict")``: a checkpoint brings the statistics, so the data
         #: need no training or validation tiles (a test-only folder can be evaluated)
         self.evaluation_only = False
@@ -344,14 +353,13 @@ class TileDataModule(pl.LightningDataModule):
             index = self.index = align_classes(index, self.reference, self.layout.root)
         self.input_spec = self._contract(normalization)
         augment = build_augmentation(self.augment_transforms, self.num_bands, self.tile_size)
-        if augment is not None:
-            augment.set_random_seed(self.seed)  # albumentations ignores the global seed
+        if augment is not None:  # albumentations ignores the global seed; the loader reseeds per rank
+            augment.set_random_seed(augmentation_seed(self.seed, 0))
         if self.device_flips and self.tile_size[0] != self.tile_size[1]:
             raise ValueError(f"data.device_flips needs square tiles, these are {self.tile_size[0]}x{self.tile_size[1]}")
         # batches arrive in the stored dtype; a pack's nodata is filled on the device too (file
         # tiles, each with its own nodata, are filled as they are read)
-        packed = isinstance(self.layout, PackedLayout)
-        self.batch_transform = PackedBatchTransform(self.nodata if packed else None, self.input_spec.fill)
+        self.batch_transform = PackedBatchTransform(self.input_spec)
         if augment is not None and is_device_d4(self.augment_transforms) and self.tile_size[0] == self.tile_size[1]:
             # D4 of whole batches on the device: albumentations' per-tile call costs about
             # 190 us, a fifth of reading a EuroSAT file (benchmarks/README.md)
@@ -364,13 +372,25 @@ class TileDataModule(pl.LightningDataModule):
                 index.targets[rows],
                 self.bands,
                 augment if split == "train" else None,
-                fill=self.input_spec.fill,  # nodata: each tile's own
+                spec=self.input_spec,  # its fill; nodata: each tile's own
             )
         counts = {s: len(d) for s, d in self.datasets.items()}
         log.info("%d tiles, %d classes, bands %s, splits %s", len(index), index.num_classes, self.bands, counts)
         if self.gathers_in_process and self.num_workers > 0:
             log.info("data.packed: batches are gathered in the main process (one copy each); "
                      "data.num_workers=%d is not used for a pack", self.num_workers)
+
+    def use_contract(self, spec: InputSpec) -> None:
+        """Serve the model built on ``spec`` (:func:`deforest.build.build_model` gives it: a
+        pretrained network's own normalisation, for one): from now on nodata pixels get its
+        fill, in the datasets and on the device, so training scores the inputs that
+        ``deforest-eval`` and prediction give the checkpoint."""
+        if self.input_spec is None:
+            raise RuntimeError("call setup() first")
+        self.input_spec = spec
+        self.batch_transform = PackedBatchTransform(spec)
+        for dataset in self.datasets.values():
+            dataset.spec = spec
 
     def _resolve_bands(self) -> list[int]:
         """The configured bands, or the checkpoint's (which must fit these files)."""
@@ -579,7 +599,7 @@ class TileDataModule(pl.LightningDataModule):
     def _cache_key(self, kind: str) -> str:
         """What a cached result depends on: the (training) files, bands and settings."""
         rows = [i for i, a in enumerate(self.assignment) if a == "train"] if kind == "stats" else range(len(self._index()))
-        files = [self.layout.header_source(self._index().sources[i]) for i in rows]
+        files = [f for i in rows for f in self.layout.stamp_files(self._index().sources[i])]
         payload = {
             "bands": self.bands,
             "log_scale": self.log_scale,
@@ -595,13 +615,43 @@ class TileDataModule(pl.LightningDataModule):
         return describe_split_counts(self._index(), self.assignment)
 
     def on_before_batch_transfer(self, batch: dict, dataloader_idx: int) -> dict:
-        """Bad tiles met by the DataLoader workers are raised or counted here, in the main process."""
-        for source, path, problem in batch.pop("bad", []):
-            self.bad_tiles.add(TileError(path, problem), source)
+        """Bad tiles met by the DataLoader workers are raised or counted here, in the main process.
+
+        Under DDP the ranks first share this step's bad tiles (:meth:`BadTiles.shared`), so a
+        tile that turns out bad on one rank stops every rank at once with the same error
+        (``error``: no rank is left waiting in a collective) or is counted by every rank
+        (``skip``: rank 0 writes ``bad_tiles.json``).
+        """
+        found = [tuple(bad) for bad in batch.pop("bad", [])]
+        rank = self._rank()
+        every = self.bad_tiles.shared(found, self._host_group()) if self._distributed() else found
+        for source, path, problem in every:
+            self.bad_tiles.add(TileError(path, problem), source, more=len(every) - 1, rank=rank,
+                               quiet=(source, path, problem) not in found)
         return batch
+
+    def _distributed(self) -> bool:
+        return self.trainer is not None and self.trainer.world_size > 1 and torch.distributed.is_initialized()
+
+    def _rank(self) -> int:
+        """This process's DDP rank (0 outside a trainer)."""
+        return self.trainer.global_rank if self.trainer is not None else 0
+
+    def _host_group(self):
+        """A process group whose collectives run on the host: the default one under gloo, a gloo
+        group beside NCCL, so sharing bad tiles never waits for the GPU (the step stays free of
+        device-to-host syncs). Created at the first batch, which every rank reaches."""
+        if torch.distributed.get_backend() == "gloo":
+            return None
+        if self._gloo is None:
+            self._gloo = torch.distributed.new_group(backend="gloo")
+        return self._gloo
 
     def _loader(self, split: str, shuffle: bool) -> DataLoader:
         dataset = self.datasets[split]
+        rank = self._rank()
+        if dataset.augment is not None:  # each rank its own draws, the same ones for the same seed
+            dataset.augment.set_random_seed(augmentation_seed(self.seed, rank))
         stream = getattr(self.layout, "stream", None)  # a pack in object storage: whole chunks, disjoint per rank
         if stream is not None:
             # gathered in this process too; the chunk requests run on s3fs's event loop
@@ -620,15 +670,23 @@ class TileDataModule(pl.LightningDataModule):
             pin_memory=self.pin_memory,
             persistent_workers=self.persistent_workers and workers > 0,
             collate_fn=collate_batches,
-            worker_init_fn=_seed_worker,
+            worker_init_fn=functools.partial(_seed_worker, rank=rank),
         )
 
     def on_after_batch_transfer(self, batch: dict, dataloader_idx: int) -> dict:
         if self.batch_transform is not None:
             batch = self.batch_transform(batch)
         if self.device_flips and self.trainer is not None and self.trainer.training:
-            batch = {**batch, "image": random_d4(batch["image"])}
+            batch = {**batch, "image": random_d4(batch["image"], self._flip_generator(batch["image"].device))}
         return batch
+
+    def _flip_generator(self, device: torch.device) -> torch.Generator:
+        """The device flips' own generator, seeded per rank: the global one is seeded alike on
+        every rank (``seed_everything``), so every rank would flip its batches alike."""
+        if self._flips is None or self._flips[0] != device:
+            generator = torch.Generator(device=device).manual_seed(augmentation_seed(self.seed, self._rank()))
+            self._flips = (device, generator)
+        return self._flips[1]
 
     @property
     def gathers_in_process(self) -> bool:
@@ -675,9 +733,22 @@ def _valid_headers_cache(value: object) -> str | None:
     return None
 
 
-def _seed_worker(worker_id: int) -> None:
-    """Lightning's worker seeding, plus a per-worker augmentation seed drawn from the run's seed."""
-    pl_worker_init_function(worker_id)
+def augmentation_seed(seed: int, rank: int, worker: int | None = None) -> int:
+    """The seed of one DDP rank's augmentation draws (``worker``: of one of its DataLoader
+    workers; ``None``: its main process).
+
+    The one place augmentation seeds come from: every rank and worker draws its own sequence
+    (a seed without the rank gives every rank the same flips of different tiles), and the same
+    ``(seed, rank, worker)`` draws the same sequence again.
+    """
+    entropy = [seed % 2**64, rank, 0 if worker is None else worker + 1]
+    return int(np.random.SeedSequence(entropy).generate_state(1)[0])
+
+
+def _seed_worker(worker_id: int, rank: int = 0) -> None:
+    """Lightning's worker seeding, plus the worker's augmentation seed: from the worker's torch
+    seed (new each epoch, derived from the run's seed), its rank and its id."""
+    pl_worker_init_function(worker_id, rank)
     info = torch.utils.data.get_worker_info()
     if info.dataset.augment is not None:
-        info.dataset.augment.set_random_seed(info.seed % 2**32)
+        info.dataset.augment.set_random_seed(augmentation_seed(info.seed, rank, worker_id))

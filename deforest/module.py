@@ -24,7 +24,7 @@ from deforest.checkpoints import check_numbers, model_kwargs, read_checkpoint
 from deforest.contract import InputSpec
 from deforest.datasets import MULTICLASS, MULTILABEL
 from deforest.losses import Criterion, DynamicWeightedLoss
-from deforest.metrics import build_metrics, metric_inputs
+from deforest.metrics import compute_metrics
 from deforest.models import BandStatistics, backbone_modules, build_backbone
 from deforest.safety import CheckpointError
 from deforest.thresholds import ThresholdTuner
@@ -142,11 +142,13 @@ class TileClassifier(pl.LightningModule):
         self.channels_last = channels_last
         self.compile_options = ({} if compile is True else dict(compile)) if compile else None
         self.register_buffer("thresholds", torch.as_tensor(spec.decision_thresholds(), dtype=torch.float32))
-        self.metrics = torch.nn.ModuleDict({stage: self._metrics() for stage in ("val", "test")})
         self._outputs: dict[str, list[dict[str, Tensor]]] = {"val": [], "test": []}
         #: per training step since the last check: step, batch, loss finite?, loss, tile indexes
         self._pending: list[tuple[int, int, Tensor, Tensor, Tensor]] = []
+        #: ``skip``: the accumulation window's finite flag and its batch-norm statistics at its start
         self._skip_state: tuple[Tensor, list[Tensor]] | None = None
+        #: ``skip``: the finite flag, and each stepped parameter with its value and optimizer state before the step
+        self._step_snapshot: tuple[Tensor, list[tuple[Tensor, Tensor, dict[str, Tensor]]]] | None = None
         #: The last val/test epoch's ``probs``, ``target`` and dataset ``index`` (on the CPU), for reports.
         self.predictions: dict[str, dict[str, Tensor]] = {}
 
@@ -212,11 +214,6 @@ class TileClassifier(pl.LightningModule):
         tensors = (t for t in checkpoint["state_dict"].values() if isinstance(t, Tensor))
         return model.to(next(tensors, torch.tensor(0)).device)
 
-    # ---- metrics ------------------------------------------------------------------------
-    def _metrics(self) -> torch.nn.ModuleDict:
-        """The collections of :func:`deforest.metrics.build_metrics` for one stage."""
-        return torch.nn.ModuleDict(build_metrics(self.task, len(self.class_names)))
-
     # ---- forward ------------------------------------------------------------------------
     def forward(self, x: Tensor) -> Tensor:
         """Logits for raw band values ``[N, C, H, W]``: the mean of the heads' logits."""
@@ -235,10 +232,26 @@ class TileClassifier(pl.LightningModule):
         return heads
 
     def predict_proba(self, x: Tensor) -> Tensor:
-        """Class probabilities (softmax) or label probabilities (sigmoid), with TTA if set."""
-        views = d4_views(x) if self.tta else [x]
-        activate = (lambda z: z.softmax(dim=1)) if self.task == MULTICLASS else torch.sigmoid
-        return torch.stack([activate(self(v)) for v in views]).mean(dim=0)
+        """Class probabilities (softmax) or label probabilities (sigmoid) in float32, with TTA if set."""
+        return self._probabilities(x)[0]
+
+    def _probabilities(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """float32 probabilities and the scores the evaluation loss reads as logits.
+
+        Under autocast (bf16-mixed) the network's logits are bf16: they are cast to float32
+        before softmax/sigmoid, so thresholds, AP and reports see unquantised scores. Without
+        TTA the scores are the logits themselves; with TTA they are the logits of the averaged
+        probabilities (log for softmax, logit for sigmoid), so the loss still rates the
+        averaged prediction.
+        """
+        logits = [self(v).float() for v in (d4_views(x) if self.tta else [x])]
+        if self.task == MULTICLASS:
+            probs = torch.stack([z.softmax(dim=1) for z in logits]).mean(dim=0)
+            scores = logits[0] if len(logits) == 1 else probs.clamp_min(1e-8).log()
+        else:
+            probs = torch.stack([torch.sigmoid(z) for z in logits]).mean(dim=0)
+            scores = logits[0] if len(logits) == 1 else torch.logit(probs, eps=1e-7)
+        return probs, scores
 
     # ---- steps --------------------------------------------------------------------------
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor | None:
@@ -247,8 +260,10 @@ class TileClassifier(pl.LightningModule):
         n, targets = batch["target"].shape[0], batch["target"]
         if n == 0 and self.trainer.world_size == 1:  # every tile of the batch was a skipped bad tile
             return None
-        # batch-norm statistics see a NaN batch in the forward pass: keep them to restore on skip
-        saved = [b.clone() for b in self._head_buffers()] if self.nonfinite_loss == "skip" else None
+        # batch-norm statistics see a NaN batch in the forward pass: keep them, as they were at
+        # the start of the accumulation window, to restore if any of its micro-batches is skipped
+        skip, window = self.nonfinite_loss == "skip", self._skip_state
+        saved = window[1] if window is not None else [b.clone() for b in self._head_buffers()] if skip else None
         if n == 0:  # DDP: this rank still runs the loss's collectives and a (zero) backward, or the others hang
             zero = self._zero_loss().expand(0, len(self.class_names))
             heads = [zero] * (1 if self.band_statistics is None else 2)
@@ -263,7 +278,8 @@ class TileClassifier(pl.LightningModule):
         finite = finite.bool()
         self._pending.append((self.global_step, batch_idx, finite, loss.detach(), batch["index"]))
         if saved is not None:  # restored after the backward pass, which still needs them
-            self._skip_state = (finite, saved)
+            # one non-finite micro-batch poisons the window's summed gradients: skip the whole step
+            self._skip_state = (finite if window is None else window[0] & finite, saved)
             loss = torch.where(finite, loss, self._zero_loss())
             self.log("train/skipped_batches", (~finite).float(), on_step=False, on_epoch=True, reduce_fx="sum")
         n = max(n, 1)
@@ -280,17 +296,79 @@ class TileClassifier(pl.LightningModule):
         return torch.stack([p.reshape(-1)[0] for p in self.parameters() if p.requires_grad]).sum() * 0.0
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
-        """``skip``: a non-finite step's batch-norm statistics are restored and its gradients
-        (NaN where the batch was) become zeros, on the device."""
+        """``skip``: when a micro-batch of this accumulation window had a non-finite loss, the
+        batch-norm statistics go back to the window's start, and the parameters and optimizer
+        state are kept so that :meth:`_undo_skipped_step` can undo the step; all on the device."""
         if self._skip_state is None:
             return
         (finite, saved), self._skip_state = self._skip_state, None
         with torch.no_grad():
             for buffer, value in zip(self._head_buffers(), saved):
                 buffer.copy_(torch.where(finite, buffer, value))
-            for p in self.parameters():
-                if p.grad is not None:
-                    p.grad.copy_(torch.where(finite, p.grad, torch.zeros_like(p.grad)))
+            state = getattr(optimizer, "optimizer", optimizer).state
+            kept = [
+                (p, p.detach().clone(), {k: v.clone() for k, v in state.get(p, {}).items() if isinstance(v, Tensor)})
+                for group in optimizer.param_groups for p in group["params"] if p.grad is not None
+            ]
+        self._step_snapshot = (finite, kept)
+
+    def _undo_skipped_step(self, optimizer: torch.optim.Optimizer) -> None:
+        """After the optimizer step (a step post-hook): a skipped step's parameters and optimizer
+        state (moments, step count; weight decay moved the parameters too) back to the values
+        before it, by ``torch.where`` on the device.
+
+        Undoing works for any optimizer, where the fused optimizers' ``found_inf`` serves only
+        fused Adam/AdamW/SGD/Adagrad; it costs a copy of the parameters and state per step,
+        paid only under ``skip``. The step runs on NaN gradients and the ``where`` discards it.
+        State the step created (the first step) goes back to zeros: the fresh state of
+        torch's Adam family, and a zero momentum buffer acts as a fresh one in SGD.
+        """
+        snapshot, self._step_snapshot = self._step_snapshot, None
+        if snapshot is None:
+            return
+        finite, kept = snapshot
+        state = getattr(optimizer, "optimizer", optimizer).state
+        with torch.no_grad():
+            for p, value, before in kept:
+                p.copy_(torch.where(finite, p, value))
+                for key, now in state[p].items():
+                    if isinstance(now, Tensor):
+                        old = before.get(key)
+                        old = torch.zeros_like(now) if old is None else old
+                        # a host-side step counter (see _device_step_counters) would need the flag on the host
+                        flag = finite if now.device == finite.device else finite.to(now.device)
+                        now.copy_(torch.where(flag, now, old))
+
+    def on_train_start(self) -> None:
+        """After the optimizer state of a resumed run is loaded: where the step counters live,
+        and the static loss weights."""
+        self._skip_state = self._step_snapshot = None
+        self._device_step_counters()
+        self._static_weights()
+
+    def _device_step_counters(self) -> None:
+        """``skip`` on a GPU: optimizers with a ``capturable`` mode (Adam, AdamW, ...) keep their
+        step counter on the device, where :meth:`_undo_skipped_step` restores it without a sync;
+        by default they keep it on the host. Set after a resumed checkpoint's optimizer state is
+        loaded (which brings its own setting), and undone on the CPU, where capturable is refused."""
+        from torch.optim.optimizer import _get_capturable_supported_devices
+
+        for optimizer in self.trainer.optimizers:
+            for group in optimizer.param_groups:
+                if "capturable" not in group or group.get("fused") or not group["params"]:
+                    continue
+                device = group["params"][0].device
+                wanted = self.nonfinite_loss == "skip" and device.type in _get_capturable_supported_devices()
+                if group["capturable"] == wanted:
+                    continue
+                group["capturable"] = wanted
+                # capturable is chosen for the device-side counter, not for CUDA graphs: torch's
+                # once-per-instance warning about running it uncaptured does not apply
+                optimizer._warned_capturable_if_run_uncaptured = True
+                for p in group["params"]:  # once, before training: moved where the new mode keeps them
+                    step = optimizer.state.get(p, {}).get("step")
+                    if isinstance(step, Tensor):
+                        optimizer.state[p]["step"] = step.to(p.device if wanted else "cpu")
 
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
         last = batch_idx + 1 >= self.trainer.num_training_batches
@@ -329,13 +407,18 @@ class TileClassifier(pl.LightningModule):
 
     def _eval_step(self, batch: dict[str, Tensor], stage: str) -> None:
         if batch["target"].shape[0] == 0:  # every tile of the batch was a skipped bad tile
+            if self.trainer.world_size > 1:  # the loss's epoch-end all-reduce needs it logged on every rank
+                empty = torch.zeros((), device=self.device)  # weight 0: no effect on the mean
+                self.log(f"{stage}/loss", empty, on_epoch=True, prog_bar=stage == "val", batch_size=0, sync_dist=True)
             return
-        probs = self.predict_proba(batch["image"])
+        probs, scores = self._probabilities(batch["image"])
         target = batch["target"]
+        # from float32 logits: CUDA autocast refuses binary_cross_entropy on probabilities
+        # ("unsafe to autocast"), and both of these run in float32 under autocast
         if self.task == MULTICLASS:
-            loss = torch.nn.functional.nll_loss(probs.clamp_min(1e-8).log(), target)
+            loss = torch.nn.functional.cross_entropy(scores, target)
         else:
-            loss = torch.nn.functional.binary_cross_entropy(probs.clamp(1e-7, 1 - 1e-7), target.float())
+            loss = torch.nn.functional.binary_cross_entropy_with_logits(scores, target.float())
         self.log(f"{stage}/loss", loss, on_epoch=True, prog_bar=stage == "val", batch_size=target.shape[0], sync_dist=True)
         self._outputs[stage].append({"probs": probs.detach(), "target": target, "index": batch["index"]})
 
@@ -343,42 +426,63 @@ class TileClassifier(pl.LightningModule):
         """Metrics over the whole epoch's predictions, after tuning thresholds on validation.
 
         Decisions wait for the epoch end so that validation metrics (and the checkpoint
-        saved right after) use the thresholds tuned on this very epoch.
+        saved right after) use the thresholds tuned on this very epoch. Under DDP every rank
+        enters the gather, with or without predictions of its own, then computes the metrics
+        on all the de-duplicated predictions itself: the same numbers on every rank, each tile
+        counted once, and no metric collective that a rank without predictions would miss.
         """
         outputs, self._outputs[stage] = self._outputs[stage], []
-        if not outputs:
+        if not outputs and self.trainer.world_size == 1:
             return
-        local = {key: torch.cat([o[key] for o in outputs]) for key in outputs[0]}
+        empty = self._no_outputs()
+        local = {key: torch.cat([o[key] for o in outputs]).to(empty[key].dtype) if outputs else value
+                 for key, value in empty.items()}
         gathered = self._gather(local)
-        if self.trainer.world_size > 1:  # each rank a disjoint share of the de-duplicated tiles:
-            mine = gathered["index"] % self.trainer.world_size == self.global_rank  # synced metrics count each once
-            local = {key: value[mine] for key, value in gathered.items()}
+        if gathered["index"].numel() == 0:  # every tile of every rank was skipped: nothing to score
+            return
         thresholds: Tensor = self.thresholds
         if stage == "val" and self.threshold_tuner is not None and not self.trainer.sanity_checking:
             kept, scoring = self.threshold_tuner.fit(gathered["probs"].cpu(), gathered["target"].cpu())
             self.thresholds.copy_(kept)
             # each tile scored at thresholds tuned on the other tiles: the checkpoint and sweep
             # selection then see what the thresholds give on data they were not tuned on
-            row = {i: r for r, i in enumerate(gathered["index"].tolist())}
-            thresholds = scoring[[row[i] for i in local["index"].tolist()]].to(local["probs"].device)
-        self.predictions[stage] = {key: value.cpu() for key, value in gathered.items()}
-        collections = self.metrics[stage]
-        for kind, inputs in metric_inputs(self.task, local["probs"], local["target"], thresholds).items():
-            collections[kind].update(*inputs)
-        for kind in collections:
-            for name, value in collections[kind].compute().items():
-                if value.ndim == 0:
-                    self.log(f"{stage}/{name}", value, prog_bar=name in ("accuracy", "f1_macro"))
-                elif value.ndim == 1:  # per class; confusion matrices go to the report only
-                    for class_name, v in zip(self.class_names, value):
-                        self.log(f"{stage}/{name}/{class_name}", v)
-            collections[kind].reset()
+            thresholds = scoring
+        predictions = self.predictions[stage] = {key: value.cpu() for key, value in gathered.items()}
+        values = compute_metrics(self.task, len(self.class_names), predictions["probs"], predictions["target"],
+                                 thresholds.cpu())
+        for name, value in values.items():
+            if value.ndim == 0:
+                self.log(f"{stage}/{name}", value, prog_bar=name in ("accuracy", "f1_macro"))
+            elif value.ndim == 1:  # per class; confusion matrices go to the report only
+                for class_name, v in zip(self.class_names, value):
+                    self.log(f"{stage}/{name}/{class_name}", v)
+
+    def _no_outputs(self) -> dict[str, Tensor]:
+        """Evaluation outputs of no tile, in the keys, dtypes and shapes every rank gathers
+        (targets as the datasets give them: class indexes, or 0/1 labels as uint8)."""
+        c = len(self.class_names)
+        target = (torch.zeros(0, dtype=torch.long) if self.task == MULTICLASS
+                  else torch.zeros(0, c, dtype=torch.uint8))
+        empty = {"probs": torch.zeros(0, c), "target": target, "index": torch.zeros(0, dtype=torch.long)}
+        return {key: value.to(self.device) for key, value in empty.items()}
 
     def _gather(self, local: dict[str, Tensor]) -> dict[str, Tensor]:
-        """Every process's predictions, once per dataset index (samplers pad with repeats)."""
+        """Every process's predictions, once per dataset index (samplers pad with repeats).
+
+        Ranks hold different numbers of predictions where a tile turned out bad as it was
+        read on one of them (``data.on_bad_tile=skip``), none at all where every tile of
+        theirs did; ``all_gather`` needs one shape on every rank. So the counts are gathered
+        first, every rank pads its share to the largest and the padding is cut off again.
+        """
         if self.trainer.world_size == 1:
             return local
-        gathered = {key: self.all_gather(value).flatten(0, 1) for key, value in local.items()}
+        counts = self.all_gather(torch.tensor([local["index"].shape[0]], device=self.device)).flatten().tolist()
+        most = max(counts)
+        gathered = {}
+        for key, value in local.items():
+            padded = torch.cat([value, value.new_zeros((most - value.shape[0], *value.shape[1:]))])
+            every = self.all_gather(padded)  # [world, most, ...]
+            gathered[key] = torch.cat([every[rank, :n] for rank, n in enumerate(counts)])
         _, first = np.unique(gathered["index"].cpu().numpy(), return_index=True)
         return {key: value[torch.as_tensor(first, device=value.device)] for key, value in gathered.items()}
 
@@ -412,7 +516,7 @@ class TileClassifier(pl.LightningModule):
         if stage == "fit" and self.freeze_backbone:
             BaseFinetuning.freeze(self.backbone, train_bn=False)
 
-    def on_train_start(self) -> None:
+    def _static_weights(self) -> None:
         """``static`` weighting takes the whole training split's label counts from the contract."""
         if self.criterion.scheme != "static":
             return
@@ -426,6 +530,8 @@ class TileClassifier(pl.LightningModule):
         if self.optimizer_factory is None:
             raise ValueError("no optimizer configured (model.optimizer)")
         optimizer = self.optimizer_factory(params=self._param_groups())
+        if self.nonfinite_loss == "skip":  # looked up per call, so wrappers of the method see it
+            optimizer.register_step_post_hook(lambda opt, args, kwargs: self._undo_skipped_step(opt))
         if self.scheduler_factory is None:
             return optimizer
         kwargs: dict[str, Any] = {}

@@ -130,6 +130,8 @@ def pack_dataset(
     run of the same plan that was killed is resumed. ``progress(done, total)`` counts tiles.
     """
     out = Path(out).expanduser()
+    if layout.unpackable:
+        raise DatasetError(f"{layout.root}: {type(layout).__name__} samples cannot be packed: {layout.unpackable}")
     index = layout.build_index()
     if len(index) == 0:
         raise DatasetError(f"{layout.root}: no tiles found")
@@ -279,7 +281,8 @@ class _ShardJob:
             except TileError as err:  # TileError does not pickle: send its parts
                 return 0, (err.path, err.problem)
             tiles[row] = image
-            if not np.array_equal(tiles[row], image):
+            # NaN nodata pixels are stored as NaN: equal, though NaN != NaN
+            if not np.array_equal(tiles[row], image, equal_nan=image.dtype.kind == "f"):
                 return 0, (source, f"values do not fit the pack's {self.dtype} (the first tile's dtype)")
             stats[row] = tile_sums(image, self.nodata)
         tiles.flush()
@@ -505,7 +508,9 @@ class PackedLayout(TileLayout):
         image = batch_tensor(shape, dtype, buffers)
         gather_planes(image, tiles, rows, channels)
         indices = torch.as_tensor(list(indices), dtype=torch.long)
-        return {"image": image, "target": torch.from_numpy(targets[indices.numpy()]), "index": indices, "bad": []}
+        # ``nodata``: the pixels are as stored, not yet filled (deforest.batch_transforms)
+        return {"image": image, "target": torch.from_numpy(targets[indices.numpy()]), "index": indices, "bad": [],
+                "nodata": self.record["nodata"]}
 
     def row(self, row: int) -> np.ndarray:
         """One stored ``[C, H, W]`` tile, in the stored dtype."""

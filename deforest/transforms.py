@@ -9,11 +9,16 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
-import albumentations as A
 import numpy as np
 import torch
 from torch import Tensor, nn
+
+if TYPE_CHECKING:
+    # imported where a pipeline is built: trainer=gpu augments on the device (random_d4) and
+    # the bare GPU machines of scripts/gpu-check.sh have no albumentations
+    import albumentations as A
 
 
 class AugmentationError(ValueError):
@@ -31,6 +36,8 @@ def build_augmentation(
     """
     if not transforms:
         return None
+    import albumentations as A  # only for a pipeline (see the module's imports)
+
     probe = np.random.default_rng(0).random((*tile_size, num_bands), dtype=np.float32)
     for transform in transforms:
         try:
@@ -98,7 +105,10 @@ def random_d4(x: Tensor, generator: torch.Generator | None = None) -> Tensor:
 
     A random transpose, horizontal and vertical flip compose to the eight D4 elements with
     equal probability; ``torch.where`` keeps it free of host syncs (no boolean indexing).
+    A batch without tiles (all of them skipped bad tiles: an image of shape ``[0]``) passes as it is.
     """
+    if x.shape[0] == 0:
+        return x
     if x.shape[-1] != x.shape[-2]:
         raise ValueError(f"device flips need square tiles, got {x.shape[-2]}x{x.shape[-1]}")
     bits = torch.randint(0, 2, (3, x.shape[0], 1, 1, 1), device=x.device, generator=generator, dtype=torch.bool)

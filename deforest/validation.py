@@ -19,9 +19,9 @@ from collections import Counter
 from collections.abc import Sequence
 
 import numpy as np
-import torch
-from torch.utils.data import default_collate
 
+# torch is imported where a batch is built, not here: the nodata rules below serve the
+# torch-free prediction path (deforest.mapping, deforest-predict on an ONNX model) too
 from deforest.io import SUPPORTED_DTYPES, RasterHeader, TileError
 
 log = logging.getLogger(__name__)
@@ -41,18 +41,47 @@ class BadTiles:
     def __len__(self) -> int:
         return len(self.problems)
 
-    def add(self, err: TileError, source: str | None = None, more: int = 0) -> None:
+    def add(self, err: TileError, source: str | None = None, more: int = 0, rank: int | None = None,
+            quiet: bool = False) -> None:
         """Stop on ``err`` (``error``) or remember ``source`` as skipped (``skip``).
 
         ``more``: how many other bad tiles the same pass found (named in the error).
+        ``rank``: every DDP rank raises this same error together (:meth:`shared`); the error
+        carries this rank as ``ddp_rank``, and the command line prints rank 0's only.
+        ``quiet``: another rank found the tile and logged it; only remember it.
         """
         if self.policy == "error":
             others = f"; {more} other bad tile(s) found too" if more else ""
-            raise TileError(err.path, f"{err.problem} (data.on_bad_tile=skip leaves bad tiles out{others})")
+            error = TileError(err.path, f"{err.problem} (data.on_bad_tile=skip leaves bad tiles out{others})")
+            if rank is not None:
+                error.ddp_rank = rank
+            raise error
         source = source or err.path
         if source not in self.problems:
-            log.warning("skipping bad tile %s", err)
+            if not quiet:
+                log.warning("skipping bad tile %s", err)
             self.problems[source] = str(err)
+
+    @staticmethod
+    def shared(found: list[tuple[str, str, str]], group=None) -> list[tuple[str, str, str]]:
+        """Under DDP: every rank's bad tiles of this batch, in rank order, the same list on every
+        rank (each rank calls this once per batch, so the calls pair up).
+
+        A bad tile found when its pixels are read is found by the one rank that reads it; if that
+        rank alone raised, the others would wait in the step's next collective (with NCCL until
+        the process-group timeout). One small host-side all-reduce per batch tells every rank
+        whether any rank found one; only then are the lists exchanged.
+        """
+        import torch
+        import torch.distributed as dist
+
+        count = torch.tensor([len(found)], dtype=torch.int64)
+        dist.all_reduce(count, group=group)
+        if not int(count):
+            return []
+        lists: list = [None] * dist.get_world_size(group)
+        dist.all_gather_object(lists, list(found), group=group)
+        return list(dict.fromkeys(tuple(bad) for share in lists for bad in share))  # a tile two ranks read: once
 
 
 #: pixel sizes within this relative difference are one resolution (EuroSAT's 10 m tiles measure
@@ -116,8 +145,20 @@ def valid_pixels(image: np.ndarray, nodata: float | Sequence[float | None] | Non
     valid = np.ones(image.shape, bool)
     for band, value in enumerate(values):
         if value is not None:
-            valid[band] = ~np.isnan(image[band]) if math.isnan(value) else image[band] != np.float32(value)
+            valid[band] = ~is_nodata(image[band], value)
     return valid
+
+
+def is_nodata(values, nodata: float):
+    """Which of ``values`` (a NumPy array, or a torch tensor on any device, without a host
+    sync) hold ``nodata``: the one rule for tiles read from files and batches from a pack.
+
+    A NaN nodata matches NaN pixels (NaN is the one value unequal to itself); any other
+    value is compared as float32, the dtype pixels are read in, whatever the stored dtype.
+    """
+    if math.isnan(nodata):
+        return values != values
+    return values == float(np.float32(nodata))
 
 
 def check_pixels(source: str, image: np.ndarray, valid: np.ndarray | None) -> None:
@@ -140,6 +181,9 @@ def fill_nodata(image: np.ndarray, valid: np.ndarray | None, fill: Sequence[floa
 
 def collate_tiles(items: list[dict]) -> dict:
     """Batch the good items; bad ones ride along as ``batch["bad"] = [(path, problem)]``."""
+    import torch
+    from torch.utils.data import default_collate
+
     bad = [item["bad"] for item in items if "bad" in item]
     good = [item for item in items if "bad" not in item]
     if good:

@@ -3,6 +3,10 @@ server (moto's server mode on 127.0.0.1), endpoint and credentials from the stan
 
 from __future__ import annotations
 
+import logging
+import os
+import shutil
+import threading
 from pathlib import Path
 
 import fsspec
@@ -13,9 +17,12 @@ from hydra import compose, initialize_config_module
 
 from deforest.cli.pack import pack
 from deforest.cli.train import build_datamodule, train
-from deforest.stream import RemotePack, StreamedSplit
+from deforest.datasets import DatasetError, FolderLayout
+from deforest.pack import INDEX, STATS, TARGETS, TILES, PackedLayout, pack_dataset
+from deforest.stream import ORDER, ZARR, RemotePack, StreamedSplit, upload_pack
 
 REPO = Path(__file__).resolve().parents[1]
+EUROSAT_BANDS = ["B01", "B02", "B03", "B04", "B05", "B06", "B07", "B08", "B09", "B10", "B11", "B12", "B8A"]
 
 
 @pytest.fixture(scope="module")
@@ -121,3 +128,162 @@ def test_per_tile_augmentation_is_applied_to_streamed_batches(train_config, s3_p
     expected = torch.stack([files.datasets["train"][i]["image"] for i in batch["index"].tolist()])
     assert batch["image"].dtype == torch.float32 and torch.equal(batch["image"], expected)
     assert not torch.equal(expected, expected.flip(-1))  # the flip shows
+
+
+@pytest.fixture(scope="module")
+def large_pack(tmp_path_factory) -> Path:
+    """A local pack of 2,700 tiles: the EuroSAT sample ten times over (hard links under class
+    folders), in index order as a folder dataset is packed: train then test, class by class."""
+    sample = REPO / "data" / "eurosat-ms"
+    root = tmp_path_factory.mktemp("eurosat-x10")
+    for tif in sample.rglob("*.tif"):
+        folder = root / tif.parent.relative_to(sample)
+        folder.mkdir(parents=True, exist_ok=True)
+        for copy in range(10):
+            try:
+                os.link(tif, folder / f"{tif.stem}_{copy}.tif")
+            except OSError:  # another file system
+                shutil.copyfile(tif, folder / f"{tif.stem}_{copy}.tif")
+    out = tmp_path_factory.mktemp("eurosat-x10-pack")
+    assert pack_dataset(FolderLayout(root, EUROSAT_BANDS), out).tiles == 2700
+    return out
+
+
+@pytest.fixture(scope="module")
+def large_s3_pack(s3_bucket, large_pack) -> str:
+    """``large_pack`` uploaded the way deforest-pack uploads, in chunks of 64 rows (42 chunks)."""
+    url = f"{s3_bucket}/eurosat-x10"
+    upload_pack(large_pack, url, chunk_tiles=64)
+    return url
+
+
+def _distinct_classes(batches) -> float:
+    return float(np.mean([len(set(t.tolist())) for t in batches]))
+
+
+@pytest.mark.slow
+def test_streamed_batches_mix_classes_as_a_shuffled_loader(train_config, large_s3_pack, caplog):
+    """A pack stored class by class must not train on one class at a time: the classes per
+    training batch match a plain shuffled DataLoader's over the same split."""
+    with caplog.at_level(logging.WARNING, logger="deforest.stream"):
+        remote = build_datamodule(train_config([f"data.packed={large_s3_pack}", "data.batch_size=16"]).data)
+        remote.setup("fit")
+        loader = remote.train_dataloader()
+    assert "sorted" not in caplog.text  # a shuffled upload is not reported as class-sorted
+    targets = torch.as_tensor(np.asarray(remote.datasets["train"].targets))
+    assert len(targets) > 10 * 64 and len(set(targets.tolist())) == 10  # many chunks, ten classes
+    streamed = [batch["target"] for _ in range(2) for batch in loader]
+    plain = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(targets), batch_size=16, shuffle=True,
+                                        drop_last=True, generator=torch.Generator().manual_seed(0))
+    shuffled = [t for _ in range(5) for (t,) in plain]
+    expected = _distinct_classes(shuffled)
+    assert expected > 7.5  # 16 draws from ten classes of about equal size
+    assert _distinct_classes(streamed) == pytest.approx(expected, rel=0.1)
+    largest = max(int(torch.bincount(t).max()) for t in streamed)
+    assert largest <= max(int(torch.bincount(t).max()) for t in shuffled) + 2  # train/count_max as a shuffled loader's
+
+
+@pytest.mark.slow
+def test_each_training_tile_once_per_epoch_on_every_rank(train_config, large_s3_pack):
+    """Per epoch every rank yields floor(min share / batch) full batches of its own chunks'
+    tiles, no tile twice across ranks; left out are the tiles beyond that count (world 1:
+    fewer than a batch)."""
+    remote = build_datamodule(train_config([f"data.packed={large_s3_pack}", "data.batch_size=16"]).data)
+    remote.setup("fit")
+    split = StreamedSplit(remote.datasets["train"], 16, train=True, seed=0)
+    n = len(remote.datasets["train"])
+    orders = {}
+    for world in (1, 2):
+        for epoch in (0, 1):
+            shares = [sum(len(split.by_chunk[c]) for c in split._share(r, world, epoch)) for r in range(world)]
+            per_rank = [[b["index"].tolist() for b in split.batches(r, world, epoch)] for r in range(world)]
+            assert all(len(batches) == min(shares) // 16 for batches in per_rank)  # no rank waits for another
+            assert all(len(b) == 16 for batches in per_rank for b in batches)
+            tiles = [i for batches in per_rank for b in batches for i in b]
+            assert len(tiles) == len(set(tiles)) == world * (min(shares) // 16) * 16  # each tile at most once
+            assert set(tiles) <= set(range(n))
+            assert n - len(tiles) < (16 if world == 1 else 2 * 16 + max(shares) - min(shares))
+            for r in range(world):  # a rank's tiles are those of its own chunks
+                own = {int(i) for c in split._share(r, world, epoch) for i in split.by_chunk[c]}
+                assert {i for b in per_rank[r] for i in b} <= own
+            orders[world, epoch] = tiles
+    assert orders[1, 0] != orders[1, 1] and orders[2, 0] != orders[2, 1]  # reshuffled each epoch
+
+
+@pytest.mark.slow
+def test_pack_uploaded_in_index_order_is_read_and_reported(train_config, s3_bucket, large_pack, caplog):
+    """A pack in object storage stored in index order (as uploads were before rows were
+    shuffled) is still read right, and training warns once that its chunks are class-sorted."""
+    url = f"{s3_bucket}/eurosat-x10-index-order"
+    import zarr
+    from zarr.storage import FsspecStore
+
+    tiles = np.load(large_pack / TILES, mmap_mode="r")
+    array = zarr.create_array(store=FsspecStore.from_url(f"{url}/{ZARR}", read_only=False), shape=tiles.shape,
+                              chunks=(64, *tiles.shape[1:]), dtype=tiles.dtype, compressors=None)
+    for start in range(0, len(tiles), 64):
+        array[start : start + 64] = tiles[start : start + 64]
+    fs = fsspec.filesystem("s3")
+    for name in (TARGETS, STATS, INDEX):
+        fs.put_file(str(large_pack / name), f"packs/eurosat-x10-index-order/{name}")
+    with caplog.at_level(logging.WARNING, logger="deforest.stream"):
+        remote = build_datamodule(train_config([f"data.packed={url}", "data.batch_size=16"]).data)
+        remote.setup("fit")
+        loader = remote.train_dataloader()
+        loader = remote.train_dataloader()
+    warnings = [r.getMessage() for r in caplog.records if "sorted" in r.getMessage()]
+    assert len(warnings) == 1 and url in warnings[0] and "deforest-pack" in warnings[0]
+    local = PackedLayout(large_pack, check=False)
+    dataset = remote.datasets["train"]
+    batch = next(iter(loader))
+    rows = local.rows_of([dataset.sources[i] for i in batch["index"].tolist()])
+    expected = torch.from_numpy(np.ascontiguousarray(local.tiles[rows][:, np.asarray(dataset.bands) - 1]))
+    assert torch.equal(batch["image"], expected)
+
+
+def test_pack_files_are_replaced_whole_while_ranks_read_them(s3_pack, tmp_path):
+    """Ranks of one machine fetch the pack's small files into the same folder at each start:
+    a reader there never sees a half-written file, and no temporary file is left."""
+    folder = RemotePack(s3_pack, tmp_path, cache_chunks=False).path
+    names = sorted(p.name for p in folder.iterdir())
+    expected = {name: (folder / name).read_bytes() for name in (INDEX, TARGETS, STATS)}
+    errors, done = [], threading.Event()
+
+    def rank() -> None:
+        try:
+            for _ in range(15):
+                RemotePack(s3_pack, tmp_path, cache_chunks=False)
+        except Exception as err:  # noqa: BLE001 - a rank's failure is what the test looks for
+            errors.append(err)
+
+    ranks = [threading.Thread(target=rank) for _ in range(2)]
+    for thread in ranks:
+        thread.start()
+    reads, partial = 0, set()
+    while any(thread.is_alive() for thread in ranks):
+        for name, data in expected.items():
+            got = (folder / name).read_bytes()
+            reads += 1
+            if got != data:
+                partial.add(f"{name}: {len(got)} of {len(data)} bytes")
+    for thread in ranks:
+        thread.join()
+    assert reads > 0 and not errors and not partial
+    assert sorted(p.name for p in folder.iterdir()) == names  # no temporary file left
+
+
+def test_damaged_row_order_is_one_clear_error(s3_bucket, s3_pack, tmp_path):
+    """The stored row order of an upload is checked at each start: a damaged one stops with one line."""
+    url = f"{s3_bucket}/eurosat-bad-order"
+    fs = fsspec.filesystem("s3")
+    fs.copy(s3_pack, url, recursive=True)
+    order = np.load(RemotePack(url, tmp_path, cache_chunks=False).path / ORDER)
+    assert sorted(order.tolist()) == list(range(270)) and order.tolist() != list(range(270))  # stored shuffled
+    for bad in (order[:-1], np.zeros_like(order)):
+        with fs.open(f"{url}/{ORDER}", "wb") as file:
+            np.save(file, bad)
+        with pytest.raises(DatasetError, match=rf"^{url}/order\.npy: not an order of the pack's 270 rows; re-upload"):
+            RemotePack(url, tmp_path, cache_chunks=False)
+    fs.pipe_file(f"{url}/{ORDER}", b"")  # a truncated upload
+    with pytest.raises(DatasetError, match=rf"^{url}/order\.npy: unreadable \(.+\); re-upload the pack"):
+        RemotePack(url, tmp_path, cache_chunks=False)

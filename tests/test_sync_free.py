@@ -23,21 +23,25 @@ SYNCING = ("item", "cpu", "tolist", "numpy", "__bool__", "__int__", "__float__",
 
 
 class CountSyncs(pl.Callback):
-    """Counts host syncs inside ``training_step`` and ``on_before_optimizer_step`` of the module."""
+    """Counts host syncs inside ``training_step``, ``on_before_optimizer_step`` and the
+    ``skip`` policy's undo after the optimizer step (``_undo_skipped_step``) of the module."""
 
     calls: list[str] = []
     steps: int = 0
+    undos: int = 0
 
     def setup(self, trainer, pl_module, stage: str) -> None:
-        type(self).calls, type(self).steps = [], 0
-        for name in ("training_step", "on_before_optimizer_step"):
-            setattr(pl_module, name, self._counted(getattr(pl_module, name), name == "training_step"))
+        type(self).calls, type(self).steps, type(self).undos = [], 0, 0
+        for name in ("training_step", "on_before_optimizer_step", "_undo_skipped_step"):
+            setattr(pl_module, name, self._counted(getattr(pl_module, name), name))
 
-    def _counted(self, method, is_step: bool):
+    def _counted(self, method, name: str):
         @functools.wraps(method)
         def run(*args, **kwargs):
-            if is_step:
+            if name == "training_step":
                 type(self).steps += 1
+            if name == "_undo_skipped_step":
+                type(self).undos += 1
             with _counting(type(self).calls), _cuda_sync_errors():
                 return method(*args, **kwargs)
         return run
@@ -89,4 +93,18 @@ def test_training_step_makes_no_host_sync(train_config, eurosat_root, tmp_path, 
     ])
     train(cfg)
     assert CountSyncs.steps == 4
+    assert CountSyncs.calls == []
+
+
+def test_skip_over_an_accumulation_window_makes_no_host_sync(train_config):
+    """A NaN micro-batch, two accumulation windows: the flag carried over the window, the
+    batch-norm restore and the undone optimizer step stay on the device."""
+    cfg = train_config([
+        "model.nonfinite_loss=skip", "trainer.accumulate_grad_batches=2", "test=false",
+        "+trainer.limit_train_batches=4", "+trainer.limit_val_batches=1",
+        "+callbacks.sync._target_=test_sync_free.CountSyncs",
+        "+callbacks.nan_pixel._target_=test_run_safety.NaNPixel", "+callbacks.nan_pixel.batch_idx=0",
+    ])
+    train(cfg)
+    assert (CountSyncs.steps, CountSyncs.undos) == (4, 2)
     assert CountSyncs.calls == []

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from deforest.transforms import AugmentationError, BandNormalizer, build_augmentation, d4_views
+from deforest.transforms import AugmentationError, BandNormalizer, build_augmentation, d4_views, random_d4
 
 
 def test_d4_pipeline_accepts_13_bands():
@@ -38,3 +38,9 @@ def test_d4_views_are_the_eight_symmetries():
     x = torch.arange(9.0).view(1, 1, 3, 3)
     views = {tuple(v.flatten().tolist()) for v in d4_views(x)}
     assert len(views) == 8
+
+
+def test_random_d4_passes_batches_without_tiles():
+    for empty in (torch.empty(0), torch.empty(0, 13, 64, 64)):  # collate_tiles' all-bad batch, a sliced one
+        out = random_d4(empty)
+        assert out.shape == empty.shape and out.dtype == empty.dtype
