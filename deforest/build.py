@@ -18,10 +18,13 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from deforest.callbacks import SaveOnSigterm
+from deforest.config_checks import ConfigError
 from deforest.contract import InputSpec, Normalization
 from deforest.cpu import use_onednn, use_threads
 from deforest.datamodule import TileDataModule
 from deforest.finetuning import BackboneFinetuning
+from deforest.io import canonical_band
+from deforest.models import smallest_tile
 from deforest.module import TileClassifier
 from deforest.progress import progress_callbacks
 from deforest.weights import PretrainedWeights, band_plan, input_normalization, load_pretrained, resolve_weights
@@ -45,7 +48,8 @@ def build_model(
 ) -> TileClassifier:
     """The classifier on the datamodule's contract, completed with the model's input settings
     (the bands the network sees, the input pooling) and started from ``model.weights`` when
-    given: its bands matched by name, its input scaling replacing the data's in the contract."""
+    given: its bands matched by name, its input scaling replacing the data's in the contract.
+    The datamodule then serves that contract (:meth:`TileDataModule.use_contract`)."""
     spec = datamodule.input_spec
     if spec is None:
         raise RuntimeError("call datamodule.setup() before build_model")
@@ -68,12 +72,16 @@ def build_model(
         )
     network_bands = network_band_positions(options.pop("network_exclude_bands", None), spec.band_names)
     spec = replace(spec, network_bands=network_bands, input_pool=input_pool)
+    _check_tile_fits(backbone, options, len(network_bands or spec.bands), spec.tile_size, input_pool)
     plan = None
     if weights is not None:
         names = spec.band_names
         network_names = names if names is None or network_bands is None else [names[i] for i in network_bands]
         plan = band_plan(weights, network_names, len(network_bands or spec.bands))
         spec = replace(spec, normalization=weights_normalization(weights, spec))
+    # the data is served for this contract: its fill (a pretrained normalisation's, for one)
+    # is what the checkpoint gives deforest-eval and prediction
+    datamodule.use_contract(spec)
     loss = OmegaConf.to_container(loss_cfg, resolve=True)
     criterion = instantiate(loss.pop("criterion", None))
     model = TileClassifier(
@@ -89,6 +97,24 @@ def build_model(
     if weights is not None:
         load_pretrained(model.net, weights, plan, backbone, options.get("small_tile_stem", True))
     return model
+
+
+def _check_tile_fits(backbone: str, options: dict[str, Any], channels: int, tile: list[int], input_pool: int) -> None:
+    """A :class:`ConfigError` naming the smallest tile ``backbone`` takes when the tiles (or
+    ``model.input_resize``) are smaller: before training, not in its first forward pass."""
+    resize = options.get("input_resize")
+    size = (int(resize), int(resize)) if resize else (int(tile[0]), int(tile[1]))
+    net_options = {k: options[k] for k in ("small_tile_stem", "width", "dropout") if k in options}
+    net_options.setdefault("small_tile_stem", True)  # TileClassifier's default
+    smallest = smallest_tile(backbone, channels, size, input_pool, **net_options)
+    if smallest is None:
+        return
+    what = f"the {size[0]}x{size[1]} px input (model.input_resize={resize})" if resize else f"the {size[0]}x{size[1]} px tiles"
+    pool = f" with model.input_pool={input_pool}" if input_pool > 1 else ""
+    raise ConfigError(
+        f"model.backbone={backbone} cannot take {what}{pool}: the smallest it takes is {smallest}x{smallest} px "
+        f"(set model.input_resize={smallest}, or use a backbone that takes small tiles, e.g. model=small_cnn)"
+    )
 
 
 def weights_normalization(weights: PretrainedWeights, spec: InputSpec) -> Normalization:
@@ -112,7 +138,11 @@ def network_band_positions(exclude: list[str] | None, names: list[str] | None) -
     """
     if not exclude or names is None:
         return None
-    positions = [i for i, name in enumerate(names) if name not in exclude]
+    # matched by canonical_band (B1 is B01); a band of one date of a pair (B01@t0,
+    # deforest.change) is excluded by its band name
+    excluded = {canonical_band(band) for band in exclude}
+    positions = [i for i, name in enumerate(names)
+                 if canonical_band(name) not in excluded and canonical_band(name.split("@", 1)[0]) not in excluded]
     if not positions:
         raise ValueError(f"model.network_exclude_bands={exclude} leaves the network none of the bands {names}")
     if len(positions) == len(names):

@@ -18,6 +18,7 @@ import logging
 import math
 import os
 import pickle
+import pickletools
 import re
 import tempfile
 import zipfile
@@ -133,12 +134,11 @@ def read_checkpoint(
     try:
         checkpoint = torch.load(path, map_location=map_location, weights_only=weights_only)
     except pickle.UnpicklingError as err:
-        found = re.search(r"Unsupported global: GLOBAL \S+", str(err))
-        detail = found.group(0) if found else ""
-        if detail:  # a class or function to import and call: pickled code, refused
+        refused = _refused_global(path, err)
+        if refused:  # a class or function to import and call: pickled code, refused
             raise UnsafeCheckpointError(
                 path, f"refused: it holds pickled objects, not only tensors and plain data (Weights only load failed: "
-                f"{detail})",
+                f"Unsupported global: GLOBAL {refused})",
             ) from None
         raise CheckpointError(  # bytes that are no pickle at all
             path, f"is not a readable checkpoint: truncated or corrupt ({path.stat().st_size} bytes; not a torch file)"
@@ -151,6 +151,70 @@ def read_checkpoint(
     if lightning and (not isinstance(checkpoint, dict) or "state_dict" not in checkpoint):
         raise CheckpointError(path, "is not a Lightning checkpoint (no state_dict)")
     return checkpoint
+
+
+def _refused_global(path: Path, err: Exception) -> str | None:
+    """The first class or function a checkpoint's pickle names that ``weights_only`` loading
+    refused (``os.system``): from torch's message, which words it two ways, or, when it names
+    none (a plain pickle it cannot parse), from the pickle's opcodes (read, never run).
+    ``None``: it names none; the bytes are damaged."""
+    text = str(err)
+    found = re.search(r"Unsupported global: GLOBAL (\S+)", text) or re.search(r"unsupported GLOBAL (\S+) whose", text)
+    if found:
+        return _readable_global(found.group(1))
+    names = [name for name in _pickle_globals(path) if not name.startswith(WEIGHTS_GLOBALS)]
+    return _readable_global(names[0]) if names else None
+
+
+#: what a saved state names (tensor rebuilders, storages, OrderedDict): not code to refuse
+WEIGHTS_GLOBALS = ("torch.", "collections.OrderedDict", "builtins.", "_codecs.encode", "numpy.")
+
+
+def _readable_global(name: str) -> str:
+    """``posix.system`` as ``os.system``: ``os`` functions pickle under the platform's module."""
+    module, _, attr = name.rpartition(".")
+    return f"os.{attr}" if module in ("posix", "nt") else name
+
+
+def _pickle_globals(path: Path) -> list[str]:
+    """``module.name`` of every GLOBAL and STACK_GLOBAL in the checkpoint's pickle, in order."""
+    try:
+        if zipfile.is_zipfile(path):
+            with zipfile.ZipFile(path) as archive:
+                member = next((n for n in archive.namelist() if n.endswith("data.pkl")), None)
+                data = archive.read(member) if member else b""
+        else:
+            data = path.read_bytes()
+    except (OSError, zipfile.BadZipFile, KeyError):
+        return []
+    names: list[str] = []
+    strings: list[str] = []  # the strings pushed so far: STACK_GLOBAL takes the last two
+    memo: dict[int, str | None] = {}
+    previous: str | None = None  # the string the previous opcode left on the stack
+    try:
+        for opcode, arg, _ in pickletools.genops(data):
+            kind = opcode.name
+            if kind == "MEMOIZE":
+                memo[len(memo)] = previous
+                continue
+            if kind in ("PUT", "BINPUT", "LONG_BINPUT"):
+                memo[arg] = previous
+                continue
+            pushed = None
+            if kind == "GLOBAL":
+                names.append(str(arg).replace(" ", "."))
+            elif kind == "STACK_GLOBAL" and len(strings) >= 2:
+                names.append(f"{strings[-2]}.{strings[-1]}")
+            elif isinstance(arg, str) and ("UNICODE" in kind or kind.endswith("STRING")):
+                pushed = arg
+            elif kind in ("GET", "BINGET", "LONG_BINGET"):
+                pushed = memo.get(arg)
+            if pushed is not None:
+                strings.append(pushed)
+            previous = pushed
+    except Exception:  # damaged or cut bytes: the names found up to there
+        pass
+    return names
 
 
 def checkpoint_epoch(path: str | os.PathLike) -> int | None:

@@ -58,7 +58,10 @@ EVAL_RULES: tuple[Rule, ...] = (
 )
 EVAL_CHOICES: tuple[Choice, ...] = (("split", ("train", "val", "test")), *DATA_CHOICES)
 TILE_RULES: tuple[Rule, ...] = (("tile_size", 1, True), ("stride", 1, True))
+TILE_CHOICES: tuple[Choice, ...] = (("mode", ("majority", "any", "fraction")),)
 PREDICT_RULES: tuple[Rule, ...] = (("tile_size", 1, True), ("stride", 1, True), ("batch_size", 1, True))
+PREDICT_CHOICES: tuple[Choice, ...] = (("dtype", ("uint8", "float32")),)
+SPATIAL_BLOCK_PROBLEM = "data.split=spatial needs data.block_size > 0 (tile CRS units, e.g. metres), not {}"
 
 
 class ConfigError(ValueError):
@@ -123,6 +126,27 @@ def choice_problems(cfg: DictConfig, choices: Sequence[Choice]) -> list[str]:
     return problems
 
 
+def missing_value_problems(cfg: DictConfig) -> list[str]:
+    """One line naming every required setting (``???`` in the config) still without a value."""
+    missing = _missing_keys(cfg)
+    if not missing:
+        return []
+    them = "it" if len(missing) == 1 else "them"
+    return [f"no value for {', '.join(missing)}: give {them} on the command line ({' '.join(k + '=...' for k in missing)})"]
+
+
+def _missing_keys(cfg: DictConfig, prefix: str = "") -> list[str]:
+    """Read without resolving interpolations: a setting that points at a missing one (``root:
+    ${data.root}``) is not named again, only the one to give on the command line."""
+    missing = []
+    for key in cfg.keys():
+        if OmegaConf.is_missing(cfg, key):
+            missing.append(f"{prefix}{key}")
+        elif not OmegaConf.is_interpolation(cfg, key) and isinstance(node := cfg._get_node(key), DictConfig):
+            missing += _missing_keys(node, f"{prefix}{key}.")
+    return missing
+
+
 def check_ranges(cfg: DictConfig, rules: Sequence[Rule], choices: Sequence[Choice] = ()) -> None:
     """Raise :class:`ConfigError` listing every value of ``cfg`` outside its rule's range or choices."""
     problems = range_problems(cfg, rules) + choice_problems(cfg, choices)
@@ -131,7 +155,8 @@ def check_ranges(cfg: DictConfig, rules: Sequence[Rule], choices: Sequence[Choic
 
 
 def epoch_limit_problems(cfg: DictConfig) -> list[str]:
-    """``trainer.max_epochs`` and ``trainer.max_steps``: a positive count, or -1 for no limit."""
+    """``trainer.max_epochs`` and ``trainer.max_steps``: a positive count, or -1 for no limit;
+    and the settings that only work together (the split fractions, a spatial split's block size)."""
     problems = []
     for key in ("trainer.max_epochs", "trainer.max_steps"):
         value = OmegaConf.select(cfg, key, default=None)
@@ -141,6 +166,10 @@ def epoch_limit_problems(cfg: DictConfig) -> list[str]:
             problems.append(f"{key}={value!r} must be a whole number")
         elif value < 1 and value != -1:
             problems.append(f"{key}={value} must be >= 1 (or -1: no limit)")
+    if OmegaConf.select(cfg, "data.split", default=None) == "spatial":
+        block = OmegaConf.select(cfg, "data.block_size", default=None)
+        if isinstance(block, bool) or not isinstance(block, (int, float)) or not block > 0:
+            problems.append(SPATIAL_BLOCK_PROBLEM.format(block))
     fractions = [OmegaConf.select(cfg, f"data.{k}_fraction", default=None) for k in ("val", "test")]
     if all(isinstance(f, (int, float)) and 0 <= f < 1 for f in fractions) and sum(fractions) >= 1:
         problems.append(

@@ -76,6 +76,9 @@ class TileLayout(ABC):
 
     #: Names of the bands as stored, when the layout knows them (used to select by name).
     band_names: list[str] | None = None
+    #: why ``deforest-pack`` cannot store this layout's samples (``None``: it can): a pack
+    #: re-checks each sample against one file or one folder, which a multi-file sample is not
+    unpackable: str | None = None
 
     def __init__(self, root: str | Path) -> None:
         self.root = Path(root).expanduser()
@@ -116,6 +119,11 @@ class TileLayout(ABC):
     def band_count(self, header_count: int) -> int:
         """Bands of one sample, given the band count of its :meth:`header_source` file."""
         return header_count
+
+    def stamp_files(self, source: str) -> list[str]:
+        """The files whose name, size and mtime key the cached headers and statistics of
+        ``source``: its header file (a layout that stacks several files names them all)."""
+        return [self.header_source(source)]
 
 
 def _tiles_in(folder: Path) -> list[Path]:
@@ -185,21 +193,63 @@ class ManifestLayout(TileLayout):
         task: str | None = None,
         class_names: Sequence[str] | None = None,
         band_names: Sequence[str] | None = None,
+        allow_outside_root: bool = False,
+        label_separator: str | None = None,
     ) -> None:
         super().__init__(root)
         self.manifest = self.root / manifest
         self.task = task
         self.class_names = list(class_names) if class_names else None
         self.band_names = list(band_names) if band_names else None
+        self.allow_outside_root = bool(allow_outside_root)
+        if label_separator is not None and not str(label_separator).strip():
+            raise DatasetError(f"data.layout.label_separator={label_separator!r}: give a character such as ',' or '|' "
+                               f"(null: labels separated by spaces)")
+        self.label_separator = None if label_separator is None else str(label_separator)
+
+    def split_labels(self, value: str) -> list[str]:
+        """A row's ``labels`` value as tags: split at ``label_separator`` (stripped), or at spaces."""
+        if self.label_separator is None:
+            return value.split()
+        return [tag.strip() for tag in value.split(self.label_separator) if tag.strip()]
+
+    def check_inside_root(self, where: str, path: str) -> None:
+        """Refuse a row's ``path`` that leads out of ``root`` (``../x.tif``, an absolute path
+        elsewhere): a manifest describes the tiles of its folder, and evaluation, packing and
+        spatial splits treat paths outside it differently from the rest."""
+        if self.allow_outside_root:
+            return
+        root = os.path.abspath(self.root)
+        full = os.path.normpath(os.path.join(root, path))
+        if os.path.commonpath([root, full]) != root:
+            raise DatasetError(f"{where}: {path} is outside data.root {self.root} (give paths relative to data.root, "
+                               f"or set data.layout.allow_outside_root=true)")
 
     def build_index(self) -> TileIndex:
         rows = self._rows()
-        tags = [row["labels"].split() for row in rows]
+        tags = [self.split_labels(row["labels"]) for row in rows]
         for row_no, row_tags in enumerate(tags, start=2):
             if not row_tags:
                 raise DatasetError(f"{self.manifest}, line {row_no}: empty 'labels'")
-        task = self.task or (MULTILABEL if any(len(t) > 1 for t in tags) else MULTICLASS)
+        separated = "space" if self.label_separator is None else repr(self.label_separator)
+        if self.task:
+            task, why = self.task, "set by data.layout.task"
+        elif any(len(t) > 1 for t in tags):
+            task, why = MULTILABEL, f"rows carry several {separated}-separated labels"
+        else:
+            task, why = MULTICLASS, "one label per row"
         class_names = self.class_names or sorted({t for row_tags in tags for t in row_tags})
+        _log_once(logging.INFO, f"{self.manifest}: task {task} ({why}): {len(class_names)} classes")
+        phrases = split_class_names(tags) if not self.task and self.label_separator is None else None
+        if task == MULTILABEL and phrases:
+            listed = ", ".join(f"'{p}' ({n} row{'s' if n > 1 else ''})" for p, n in phrases)
+            _log_once(
+                logging.WARNING,
+                f"{self.manifest}: the labels {listed} look like class names split by a space, which makes the task "
+                f"multi-label with {len(class_names)} classes: write each class name as one word (e.g. "
+                f"{phrases[0][0].replace(' ', '_')}), or set data.layout.task=multiclass data.layout.label_separator=',' "
+                f"(labels then separated by ',', quoted in the CSV)",
+            )
         lookup = {name: i for i, name in enumerate(class_names)}
         for row_no, row_tags in enumerate(tags, start=2):
             unknown = [t for t in row_tags if t not in lookup]
@@ -252,6 +302,7 @@ class ManifestLayout(TileLayout):
             path = row["path"]
             if not path.strip():
                 raise DatasetError(f"{self.manifest}, line {row_no}: empty 'path'")
+            self.check_inside_root(f"{self.manifest}, line {row_no}", path)
             # ./tiles//x.tif, tiles/x.tif, /abs/.../tiles/x.tif and symlinks to it are one tile
             key = os.path.normcase(os.path.realpath(self.root / path))
             if key in seen:
@@ -270,6 +321,42 @@ class ManifestLayout(TileLayout):
             if split is not None and split not in SPLITS:
                 raise DatasetError(f"{self.manifest}, line {row_no}: split {split!r} not in {SPLITS}")
         return rows
+
+
+_logged: set[tuple[int, str]] = set()
+
+
+def _log_once(level: int, message: str) -> None:
+    """Log ``message`` the first time only: the index is built for each stage and each process."""
+    if (level, message) not in _logged:
+        _logged.add((level, message))
+        log.log(level, message)
+
+
+def split_class_names(tags: Sequence[Sequence[str]]) -> list[tuple[str, int]] | None:
+    """The multi-word phrases (and their row counts) when every row with several tags reads as
+    one class name split at its spaces; ``None`` when the rows look truly multi-label.
+
+    A row reads as one split name when each of its tags but the last is *bound*: always followed
+    by the same tag and never a row's last (or only) tag (``Annual`` in ``Annual Crop``). Real
+    multi-label rows (``forest water``, ``forest``, ``crops water``) end with varying tags and
+    pair them with varying neighbours, so some tag in them is free.
+    """
+    followers: dict[str, set[str]] = {}
+    ends: set[str] = set()
+    for row in tags:
+        for tag, after in zip(row, row[1:]):
+            followers.setdefault(tag, set()).add(after)
+        if row:
+            ends.add(row[-1])
+    bound = {tag for tag, after in followers.items() if len(after) == 1 and tag not in ends}
+    multi = [row for row in tags if len(row) > 1]
+    if not multi or not all(all(tag in bound for tag in row[:-1]) for row in multi):
+        return None
+    counts: dict[str, int] = {}
+    for row in multi:
+        counts[" ".join(row)] = counts.get(" ".join(row), 0) + 1
+    return sorted(counts.items())
 
 
 def sample_name(source: str) -> str:

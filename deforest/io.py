@@ -7,6 +7,7 @@ a bare GDAL message or a traceback from inside a DataLoader worker.
 from __future__ import annotations
 
 import os
+import re
 import warnings
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -183,23 +184,38 @@ def read_tile(
     return (data if native else data.astype(np.float32, copy=False)), nodata
 
 
+def canonical_band(name: str) -> str:
+    """One spelling per band name, for every comparison of band names (selection, network
+    exclusion, pretrained weights' bands, quicklook bands): Sentinel-2 bands are
+    ``B01`` ... ``B12`` and ``B8A`` however written (``B1``, ``b01``, ``b8a``), other names
+    are compared without case (``vv`` is ``VV``); a date suffix (``B04@t0``) is kept as it is."""
+    band, at, date = str(name).strip().partition("@")
+    found = re.fullmatch(r"B0*(\d{1,2})(A?)", band.strip().upper())
+    if found:
+        number, letter = int(found.group(1)), found.group(2)
+        return f"B{number}{letter}{at}{date}" if letter else f"B{number:02d}{at}{date}"
+    return f"{band.strip().upper()}{at}{date}"
+
+
 def resolve_bands(
     bands: Sequence[int | str] | None, band_names: Sequence[str] | None, count: int
 ) -> list[int]:
     """Turn a band selection (names or 1-based indexes) into 1-based indexes.
 
-    ``None`` selects every band. Names need ``band_names`` (from the data config).
+    ``None`` selects every band. Names need ``band_names`` (from the data config) and are
+    matched by :func:`canonical_band` (``b4`` selects ``B04``).
     """
     if bands is None:
         return list(range(1, count + 1))
+    positions = {canonical_band(name): i for i, name in reversed(list(enumerate(band_names or [])))}
     indexes: list[int] = []
     for band in bands:
         if isinstance(band, str) and not band.isdigit():
-            if not band_names or band not in band_names:
+            if canonical_band(band) not in positions:
                 raise ValueError(
                     f"band {band!r} is not among the dataset's band names {list(band_names or [])}"
                 )
-            indexes.append(list(band_names).index(band) + 1)
+            indexes.append(positions[canonical_band(band)] + 1)
         else:
             index = int(band)
             if not 1 <= index <= count:

@@ -39,7 +39,9 @@ class SmallCNN(nn.Module):
         for i, c_out in enumerate(widths):
             layers.append(_conv_block(c_in, c_out))
             if i < len(widths) - 1:
-                layers.append(nn.MaxPool2d(2))
+                # ceil_mode: a 1 px map stays 1 px instead of 0, so tiles down to 1 px (8 px
+                # Landsat patches, pooled by model.input_pool) pass; even sizes pool as before
+                layers.append(nn.MaxPool2d(2, ceil_mode=True))
             c_in = c_out
         self.features = nn.Sequential(*layers)
         self.head = nn.Sequential(
@@ -82,20 +84,23 @@ class BandStatistics(nn.Module):
     def features(cls, x: torch.Tensor) -> torch.Tensor:
         """``[N, C * 11]`` statistics of normalised tiles ``[N, C, H, W]``."""
         values = x.flatten(2)
+        # Python ints: tracing (TorchScript, ONNX) hands out sizes as tensors, which round()
+        # refuses; the tile size is fixed per model, so constants in the graph are right
+        height, width = int(x.shape[2]), int(x.shape[3])
         # percentiles from a regular grid of about 256 pixels: sorting every pixel of a 64 px
         # tile cost as much as the CNN's training step; sort rather than torch.quantile,
         # which refuses inputs over 16M values (large batches)
-        step = max(1, round((x.shape[2] * x.shape[3] / cls.PERCENTILE_PIXELS) ** 0.5))
+        step = max(1, round((height * width / cls.PERCENTILE_PIXELS) ** 0.5))
         ordered = x[:, :, ::step, ::step].flatten(2).sort(dim=2).values
-        last = ordered.shape[2] - 1
+        last = int(ordered.shape[2]) - 1
         mean = values.mean(dim=2)
         # E[x^2] - E[x]^2: ten times faster than Tensor.std here, exact enough for normalised inputs
         std = (values.square().mean(dim=2) - mean.square()).clamp(min=0).sqrt()
         stats = [mean, std, *(ordered[:, :, round(q * last)] for q in cls.QUANTILES)]
         for offset in cls.OFFSETS:
-            dy, dx = min(offset, x.shape[2] - 1), min(offset, x.shape[3] - 1)
-            stats.append((x[:, :, dy:] - x[:, :, : x.shape[2] - dy]).abs().mean(dim=(2, 3)))
-            stats.append((x[:, :, :, dx:] - x[:, :, :, : x.shape[3] - dx]).abs().mean(dim=(2, 3)))
+            dy, dx = min(offset, height - 1), min(offset, width - 1)
+            stats.append((x[:, :, dy:] - x[:, :, : height - dy]).abs().mean(dim=(2, 3)))
+            stats.append((x[:, :, :, dx:] - x[:, :, :, : width - dx]).abs().mean(dim=(2, 3)))
         return torch.cat(stats, dim=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -124,6 +129,34 @@ def build_backbone(
         return _timm_network(name, in_channels, num_classes, dropout, image_size, input_pool)
     net = _network(name, in_channels, num_classes, small_tile_stem, width, dropout)
     return nn.Sequential(nn.AvgPool2d(input_pool), net) if input_pool > 1 else net
+
+
+def smallest_tile(
+    name: str, in_channels: int, size: tuple[int, int], input_pool: int = 1, **options: object
+) -> int | None:
+    """``None`` when :func:`build_backbone` ``(name, ...)`` takes ``size`` (height, width) px
+    inputs; else the smallest square side it takes, found by a forward pass of one zero tile
+    at each power of two (a ViT's patch is its smallest input). Checked before training:
+    a network that cannot take the tiles otherwise fails in the first step."""
+
+    def takes(height: int, width: int) -> bool:
+        if min(height, width) < input_pool:
+            return False
+        image = (height // input_pool, width // input_pool)
+        try:
+            net = build_backbone(name, in_channels, 2, input_pool=input_pool, image_size=image, **options).eval()
+            with torch.no_grad():
+                net(torch.zeros(1, in_channels, height, width))
+        except (RuntimeError, ValueError, AssertionError):  # torch's "Output size is too small", timm's checks
+            return False
+        return True
+
+    if takes(*size):
+        return None
+    side = 2
+    while side <= 4096 and not takes(side, side):
+        side *= 2
+    return side
 
 
 def backbone_names() -> tuple[str, ...]:

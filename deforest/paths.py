@@ -7,12 +7,18 @@ installed wheel carries no data: then the error names ``data.root`` and ``DEFORE
 
 from __future__ import annotations
 
+import secrets
 from pathlib import Path
 
 from omegaconf import OmegaConf
 
 PACKAGE_DIR = Path(__file__).resolve().parent
 RESOLVER = "deforest_data_dir"
+RUN_ID_RESOLVER = "deforest_run_id"
+#: this process's suffix of default run directories: drawn once, so every resolution of
+#: ``hydra.run.dir`` in one command (Hydra's, the run-lock callback's, DDP's children's
+#: command line) names the same directory
+RUN_ID = secrets.token_hex(3)
 
 
 def shipped_data_dir(package_dir: Path = PACKAGE_DIR) -> str:
@@ -21,6 +27,14 @@ def shipped_data_dir(package_dir: Path = PACKAGE_DIR) -> str:
     return str(checkout if checkout.is_dir() else Path("data").resolve())
 
 
+def run_id() -> str:
+    """Six hex digits, the same for the whole process (:data:`RUN_ID`)."""
+    return RUN_ID
+
+
 def register_resolver() -> None:
-    """``${deforest_data_dir:}`` for the config (conf/paths/default.yaml)."""
+    """``${deforest_data_dir:}`` (conf/paths/default.yaml) and ``${deforest_run_id:}``
+    (conf/hydra/default.yaml) for the config; the run id is cached in each config, so a
+    config handed to another process (a launcher's job) keeps its directory."""
     OmegaConf.register_new_resolver(RESOLVER, shipped_data_dir, replace=True)
+    OmegaConf.register_new_resolver(RUN_ID_RESOLVER, run_id, replace=True, use_cache=True)

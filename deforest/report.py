@@ -31,7 +31,7 @@ from torchmetrics.functional.classification import multiclass_average_precision,
 from deforest.contract import InputSpec
 from deforest.datamodule import TileDataModule
 from deforest.datasets import MULTICLASS, MULTILABEL
-from deforest.io import TileError
+from deforest.io import TileError, canonical_band, resolve_bands
 from deforest.metrics import compute_metrics, decide, flatten_metrics
 from deforest.module import TileClassifier
 from deforest.plots import (
@@ -86,13 +86,13 @@ def rgb_bands(configured: Sequence[int | str] | None, band_names: Sequence[str] 
     """1-based bands for true-colour quicklooks: the configured ones, else B04/B03/B02 when the
     sensor's band names have them, else the first three bands (one band: grey)."""
     if configured:
-        indexes = [list(band_names).index(b) + 1 if isinstance(b, str) and band_names and b in band_names else int(b)
-                   for b in configured]
+        indexes = resolve_bands(list(configured), band_names, count)
         if len(indexes) not in (1, 3):
             raise ValueError(f"report.rgb_bands takes 1 or 3 bands, got {list(configured)}")
         return indexes
-    if band_names and set(TRUE_COLOUR) <= set(band_names):
-        return [list(band_names).index(b) + 1 for b in TRUE_COLOUR]
+    canonical = [canonical_band(name) for name in band_names or []]
+    if set(TRUE_COLOUR) <= set(canonical):
+        return [canonical.index(b) + 1 for b in TRUE_COLOUR]
     return [1, 2, 3] if count >= 3 else [1]
 
 

@@ -7,6 +7,7 @@ run it over square blocks of tiles instead of tiles, so neighbours never straddl
 
 from __future__ import annotations
 
+import difflib
 import logging
 import math
 import os
@@ -14,6 +15,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from deforest.config_checks import SPATIAL_BLOCK_PROBLEM, ConfigError
 from deforest.contract import SplitRecord
 from deforest.datasets import SPLITS, DatasetError, TileIndex
 
@@ -70,7 +72,7 @@ def spatial_blocks(index: TileIndex, block_size: float) -> np.ndarray:
     Reads the ``minx, miny, maxx, maxy, crs`` manifest columns that ``deforest-tile`` writes.
     """
     if not block_size or block_size <= 0:
-        raise ValueError(f"data.split=spatial needs data.block_size > 0 (tile CRS units), not {block_size}")
+        raise ConfigError(SPATIAL_BLOCK_PROBLEM.format(block_size))
     blocks: dict[tuple[str, int, int], int] = {}
     out = np.empty(len(index), np.int64)
     for i, (crs, minx, miny, maxx, maxy) in enumerate(_footprints(index)):
@@ -209,7 +211,12 @@ def imbalance_mask(index: TileIndex, assignment: Sequence[str], imbalance: dict[
     fractions = np.asarray([imbalance.get(name, imbalance.get("*", 1.0)) for name in index.class_names])
     unknown = set(imbalance) - set(index.class_names) - {"*"}
     if unknown:
-        raise ValueError(f"data.imbalance names unknown classes {sorted(unknown)}")
+        near = [difflib.get_close_matches(name, index.class_names, n=1) for name in sorted(unknown)]
+        hint = ", ".join(repr(found[0]) for found in near if found)
+        raise ConfigError(
+            f"data.imbalance names classes the data does not have: {sorted(unknown)}"
+            + (f" (did you mean {hint}?)" if hint else "") + f"; the classes are {list(index.class_names)}"
+        )
     one_hot = index.one_hot().astype(bool)
     per_sample = np.where(one_hot, fractions[None, :], np.inf).min(axis=1)
     per_sample[np.isinf(per_sample)] = fractions.min()

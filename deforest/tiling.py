@@ -18,6 +18,7 @@ import numpy as np
 import rasterio
 from rasterio.windows import Window
 
+from deforest.io import TileError
 from deforest.labelling import VectorLabels
 from deforest.scene import Scene
 
@@ -80,7 +81,7 @@ def tile_scene(
     if not 0 <= max_nodata <= 1:
         raise ValueError(f"max_nodata must be within 0..1, not {max_nodata}")
     if tile_size > min(scene.height, scene.width):
-        raise ValueError(f"{scene.name}: the scene ({scene.height}x{scene.width}) is smaller than tile_size={tile_size}")
+        raise TileError(scene.name, f"the scene ({scene.height}x{scene.width}) is smaller than tile_size={tile_size}")
     out_dir = Path(out_dir)
     (out_dir / "tiles").mkdir(parents=True, exist_ok=True)
     report = TilingReport(manifest=out_dir / "labels.csv")

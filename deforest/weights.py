@@ -19,7 +19,6 @@ Every file is read with ``weights_only=True``: a weights file never runs code.
 from __future__ import annotations
 
 import logging
-import re
 import urllib.error
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
@@ -30,6 +29,7 @@ import torch
 import torchvision
 from torch import Tensor, nn
 
+from deforest.io import canonical_band
 from deforest.models import BACKBONES
 
 log = logging.getLogger(__name__)
@@ -250,11 +250,6 @@ def _network_keys(state: dict[str, Any], backbone: str, path: Path) -> dict[str,
 
 def _stem_channels(state: Mapping[str, Tensor], backbone: str) -> int:
     return int(state[_STEM[family(backbone)]].shape[1])
-
-
-def canonical_band(name: str) -> str:
-    """One spelling per band: ``B01``, ``B1`` and ``b1`` are ``B1``; ``B8a`` is ``B8A``."""
-    return re.sub(r"^B0*(\d)", r"B\1", str(name).strip().upper())
 
 
 def band_plan(weights: PretrainedWeights, data_bands: Sequence[str] | None, count: int) -> dict[str, Any]:

@@ -183,7 +183,7 @@ def test_deforest_eval_names_classes_the_checkpoint_does_not_know(eurosat_run, e
     for name, label in (("Forest", "Forest"), ("SeaLake", "Glacier")):  # SeaLake tiles posing as an unknown class
         rows += [f"{t},{label},{split}" for t, split in zip(tiles[name], ["train"] * 3 + ["val", "test", "test"])]
     (tmp_path / "labels.csv").write_text("\n".join(rows) + "\n")
-    other = ["data=manifest", f"data.root={tmp_path}"]
+    other = ["data=manifest", f"data.root={tmp_path}", "data.layout.allow_outside_root=true"]  # the shipped tiles
     with pytest.raises(DatasetError, match=r"none of the 270 tiles of the checkpoint's split is here; .* resplit=true"):
         evaluate(_eval_config(run_dir, tmp_path / "out", metrics["best_checkpoint"], other))
     cfg = _eval_config(run_dir, tmp_path / "out", metrics["best_checkpoint"], [*other, "resplit=true"])

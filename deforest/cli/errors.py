@@ -8,15 +8,18 @@ import logging
 from collections.abc import Iterator
 from contextlib import contextmanager
 
+from hydra.errors import InstantiationException
+
 from deforest.config_checks import ConfigError
 from deforest.datasets import DatasetError
 from deforest.io import TileError
+from deforest.outputs import OutputError
 from deforest.safety import EXIT_INTERRUPTED, CheckpointError, RunDirLocked, RunInterrupted
 
 log = logging.getLogger(__name__)
 
 # kept free of torch imports: deforest-tile starts without torch
-USER_ERRORS = (TileError, DatasetError, ConfigError, CheckpointError, RunDirLocked, FloatingPointError)
+USER_ERRORS = (TileError, DatasetError, ConfigError, CheckpointError, RunDirLocked, FloatingPointError, OutputError)
 EXIT_USER_ERROR = 2
 
 
@@ -29,7 +32,14 @@ def exit_on_user_error(*extra: type[Exception]) -> Iterator[None]:
     except RunInterrupted as err:
         log.error("%s: %s", type(err).__name__, err)
         raise SystemExit(EXIT_INTERRUPTED) from None
-    except (*USER_ERRORS, *extra) as err:
+    except (*USER_ERRORS, *extra, InstantiationException) as caught:
+        # hydra.utils.instantiate wraps what a constructor raised (a DatasetError of the data
+        # layout for a data.root that is a file): the user's error is its cause
+        err = caught.__cause__ if isinstance(caught, InstantiationException) else caught
+        if not isinstance(err, (*USER_ERRORS, *extra)):
+            raise
         name = "CheckpointError" if isinstance(err, CheckpointError) else type(err).__name__
-        log.error("%s: %s", name, err)
+        # an error every DDP rank raised together (a bad tile found on one of them): one line, rank 0's
+        if getattr(err, "ddp_rank", 0) == 0:
+            log.error("%s: %s", name, err)
         raise SystemExit(EXIT_USER_ERROR) from None
