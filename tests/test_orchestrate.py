@@ -52,6 +52,11 @@ def test_experiment_composes_and_runs_fast_dev_run(experiment, train_config, tmp
     overrides = [f"experiment={experiment}", "trainer.fast_dev_run=true", "data.batch_size=4", "report.enabled=false"]
     if experiment.startswith("bigearthnet"):
         overrides.append(f"data.root={request.getfixturevalue('bigearthnet_root')}")
+    if experiment == "forest_loss":  # needs the user's pairs: real Rondonia tiles with simulated clearings
+        from test_change import BANDS, write_pairs
+
+        write_pairs(tmp_path / "pairs")
+        overrides += [f"data.root={tmp_path / 'pairs'}", f"data.layout.band_names=[{','.join(BANDS)}]"]
     cfg = train_config(overrides)
     assert cfg.model.backbone == {"eurosat_resnet18": "resnet18", "bigearthnet_resnet50": "resnet50"}.get(
         experiment, cfg.model.backbone

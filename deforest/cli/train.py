@@ -24,6 +24,7 @@ from deforest.config_checks import (
     ConfigError,
     choice_problems,
     epoch_limit_problems,
+    missing_value_problems,
     range_problems,
     train_choices,
 )
@@ -44,7 +45,8 @@ CONFIG_PATH = "pkg://deforest.conf"
 def check_train_config(cfg: DictConfig) -> None:
     """Every out-of-range or misspelt value at once, before any file is read (:class:`ConfigError`);
     a loud warning for a run without an epoch limit."""
-    problems = range_problems(cfg, TRAIN_RULES) + choice_problems(cfg, train_choices()) + epoch_limit_problems(cfg)
+    problems = missing_value_problems(cfg) + range_problems(cfg, TRAIN_RULES) + choice_problems(cfg, train_choices())
+    problems += epoch_limit_problems(cfg)
     unbounded = cfg.trainer.get("max_epochs") == -1 and cfg.trainer.get("max_steps") in (None, -1)
     scheduler = cfg.model.get("scheduler")
     if unbounded and scheduler and scheduler.get("_target_"):
