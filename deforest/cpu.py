@@ -15,7 +15,6 @@ import os
 from collections.abc import Mapping
 from typing import Any
 
-import torch
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
@@ -57,6 +56,9 @@ def resolve_threads(requested: int | None, environ: Mapping[str, str] = os.envir
 
 def use_threads(requested: int | None) -> int:
     """Set torch's intra-op threads (and inter-op threads, once per process) and return the count."""
+    # here, not at the top: every command loads ShareCoresBetweenJobs, deforest-predict without torch too
+    import torch
+
     threads = resolve_threads(requested)
     torch.set_num_threads(threads)
     try:
@@ -70,6 +72,8 @@ def use_threads(requested: int | None) -> int:
 def use_onednn(enabled: bool) -> None:
     """Switch oneDNN (``torch.backends.mkldnn``) convolutions for this process; off, PyTorch's
     native kernels run them (``trainer.onednn``, measured in benchmarks/cpu_threads.py)."""
+    import torch
+
     if torch.backends.mkldnn.enabled != bool(enabled):
         log.info("oneDNN convolutions %s (trainer.onednn=%s)", "on" if enabled else "off", enabled)
     torch.backends.mkldnn.enabled = bool(enabled)

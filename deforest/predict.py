@@ -1,41 +1,36 @@
-"""Sliding-window prediction: a scene of any size -> a georeferenced class/probability map.
-
-The scene is read one strip of window rows at a time and the output written as each
-strip finishes, so memory follows the strip and the batch, never the scene. Everything
-about the input comes from the checkpoint's :class:`~deforest.contract.InputSpec`: bands
-(matched by name where the files name them), the nodata fill and normalisation of
-training, classes, task, tile size and thresholds.
+"""Sliding-window prediction with a checkpoint: its :class:`TileClassifier` as the
+:data:`~deforest.mapping.Classify` function of :mod:`deforest.mapping`, which holds the
+windows, blending, nodata handling, band matching and the map and CSV writers (shared with
+the torch-free ONNX path, :mod:`deforest.serve`). Everything about the input comes from the
+checkpoint's :class:`~deforest.contract.InputSpec`.
 """
 
 from __future__ import annotations
 
-import csv
-import json
-import logging
-import math
 import os
-import warnings
-from collections.abc import Iterator, Sequence
-from dataclasses import replace
-from pathlib import Path
+from collections.abc import Sequence
 
 import numpy as np
-import rasterio
-import rasterio.shutil
 import torch
-from affine import Affine
-from rasterio.windows import Window
 
+from deforest import mapping
 from deforest.contract import InputSpec
-from deforest.datasets import MULTICLASS, TILE_SUFFIXES
-from deforest.io import TileError, pixel_reads, read_header, read_raster
+from deforest.mapping import (  # noqa: F401  (re-exported: the names callers and tests import from here)
+    CSV_HEADER,
+    UINT8_NODATA,
+    UINT8_SCALE,
+    WRITTEN_BY,
+    Classify,
+    MapWriter,
+    blend,
+    is_earlier_output,
+    match_bands,
+    tent,
+    tile_paths,
+    window_starts,
+)
 from deforest.module import TileClassifier
 from deforest.scene import Scene
-
-log = logging.getLogger(__name__)
-
-UINT8_NODATA = 255
-UINT8_SCALE = 254  # probabilities 0..254 so that 255 stays free for nodata
 
 
 def load_classifier(ckpt_path: str | os.PathLike, device: str = "cpu") -> tuple[TileClassifier, InputSpec]:
@@ -46,39 +41,6 @@ def load_classifier(ckpt_path: str | os.PathLike, device: str = "cpu") -> tuple[
     return model, model.input_spec
 
 
-def match_bands(spec: InputSpec, names: Sequence[str | None], count: int, source: str) -> tuple[InputSpec, str]:
-    """The contract with ``bands`` pointing at ``source``'s bands, and how their order was found.
-
-    Where both the checkpoint and the source name their bands, bands are taken by name and
-    a missing name is refused (naming both orders); otherwise the band count must match and
-    the order is trusted, which the returned note says.
-    """
-    if spec.band_names and len(names) == count and all(names):
-        names = list(names)
-        missing = [n for n in spec.band_names if n not in names]
-        if missing or len(set(names)) != len(names):
-            raise TileError(
-                source,
-                f"has bands {names}; the checkpoint needs {spec.band_names} in this order ({missing or 'repeated names'} "
-                "do not match): reorder or rename the bands",
-            )
-        bands = [names.index(n) + 1 for n in spec.band_names]
-        note = f"matched by name: {spec.band_names} are bands {bands}"
-        log.info("%s: band order %s", source, note)
-        return replace(spec, bands=bands), note
-    if count != spec.source_band_count:
-        raise TileError(
-            source,
-            f"has {count} bands, the checkpoint was trained on {spec.source_band_count}-band tiles "
-            f"(using bands {spec.bands})",
-        )
-    side = "the checkpoint has no band names" if not spec.band_names else "the file has no band descriptions"
-    meaning = f" as {spec.band_names}" if spec.band_names else " in the training order"
-    note = f"trusted ({side}): bands {spec.bands} of {count} are read{meaning}"
-    log.warning("%s: band order %s", source, note)
-    return spec, note
-
-
 def resolve_device(device: str) -> str:
     """``auto`` picks CUDA when present."""
     if device == "auto":
@@ -86,285 +48,31 @@ def resolve_device(device: str) -> str:
     return device
 
 
-def _batches(indexes: Sequence[int], size: int) -> Iterator[Sequence[int]]:
-    for start in range(0, len(indexes), size):
-        yield indexes[start : start + size]
+def probabilities(model: TileClassifier) -> Classify:
+    """``model`` as a batch -> probabilities function (prepared float32 windows in, float32
+    ``[N, C]`` out), on the model's device."""
 
+    @torch.inference_mode()
+    def classify(windows: np.ndarray) -> np.ndarray:
+        return model.predict_proba(torch.from_numpy(windows).to(model.device)).float().cpu().numpy()
 
-@torch.inference_mode()
-def _probabilities(model: TileClassifier, spec: InputSpec, windows: np.ndarray, nodata: float | None) -> np.ndarray:
-    """``[N, C]`` probabilities for raw windows ``[N, B, T, T]``, preprocessed as in training
-    (nodata pixels given their band's fill)."""
-    x = torch.from_numpy(spec.prepare(windows, nodata)).to(model.device)
-    return model.predict_proba(x).float().cpu().numpy()
-
-
-def window_starts(length: int, tile_size: int, stride: int) -> list[int]:
-    """Window offsets every ``stride`` pixels, the last one flush with the far edge."""
-    starts = list(range(0, length - tile_size + 1, stride))
-    if starts[-1] + tile_size < length:
-        starts.append(length - tile_size)
-    return starts
-
-
-def tent(tile_size: int) -> np.ndarray:
-    """Blending weight across a window: highest at its centre, never zero."""
-    t = np.arange(tile_size)
-    return np.minimum(t + 1, tile_size - t).astype(np.float64)
-
-
-class MapWriter:
-    """The output GeoTIFF: decision band(s), then one probability band per class."""
-
-    def __init__(
-        self,
-        path: Path,
-        spec: InputSpec,
-        scene: Scene,
-        width: int,
-        height: int,
-        transform: Affine,
-        dtype: str,
-        tags: dict[str, str],
-    ) -> None:
-        if dtype not in ("uint8", "float32"):
-            raise ValueError(f"dtype must be uint8 or float32, not {dtype!r}")
-        if dtype == "uint8" and spec.num_classes >= UINT8_NODATA:
-            raise ValueError(f"{spec.num_classes} classes do not fit uint8 class indexes; use dtype=float32")
-        self.spec, self.dtype = spec, dtype
-        self.nodata = UINT8_NODATA if dtype == "uint8" else float("nan")
-        c = spec.num_classes
-        decisions = ["class"] if spec.task == MULTICLASS else list(spec.class_names)
-        descriptions = decisions + [f"p_{name}" for name in spec.class_names]
-        block = 256 if min(width, height) >= 256 else 16 * max(1, min(width, height) // 16)
-        profile = {
-            "driver": "GTiff", "width": width, "height": height, "count": len(descriptions),
-            "dtype": dtype, "crs": scene.crs, "transform": transform, "nodata": self.nodata,
-            "tiled": True, "blockxsize": block, "blockysize": block, "compress": "deflate",
-            "predictor": 2 if dtype == "uint8" else 3, "interleave": "band",
-        }
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", rasterio.errors.NotGeoreferencedWarning)
-            self.dst = rasterio.open(path, "w", **profile)
-        self.dst.descriptions = tuple(descriptions)
-        self.dst.update_tags(
-            class_names=json.dumps(spec.class_names),
-            task=spec.task,
-            probability_scale=str(1 / UINT8_SCALE if dtype == "uint8" else 1.0),
-            **tags,
-        )
-        if dtype == "uint8":
-            for band in range(len(decisions) + 1, len(descriptions) + 1):
-                self.dst.update_tags(band, scale=str(1 / UINT8_SCALE))
-        self.num_decisions = len(decisions)
-        self.num_classes = c
-
-    def write(self, probs: np.ndarray, invalid: np.ndarray, window: Window) -> None:
-        """Write ``probs`` ``[C, h, w]`` (float) at ``window``; ``invalid`` pixels get nodata."""
-        if self.spec.task == MULTICLASS:
-            decisions = probs.argmax(axis=0)[None].astype(np.float64)
-        else:
-            decisions = (probs >= self.spec.decision_thresholds()[:, None, None]).astype(np.float64)
-        values = probs * UINT8_SCALE if self.dtype == "uint8" else probs
-        out = np.concatenate([decisions, values])
-        if self.dtype == "uint8":
-            out = np.rint(out)
-        out[:, invalid] = self.nodata
-        self.dst.write(out.astype(self.dtype), window=window)
-
-    def close(self) -> None:
-        self.dst.close()
+    return classify
 
 
 def predict_scene(
-    model: TileClassifier,
-    spec: InputSpec,
-    scene: Scene,
-    out: str | os.PathLike,
-    stride: int | None = None,
-    batch_size: int = 256,
-    full_resolution: bool = False,
-    max_nodata: float = 0.5,
-    dtype: str = "uint8",
-    cog: bool = False,
-    tags: dict[str, str] | None = None,
-    gdal_cache_mb: int = 64,
+    model: TileClassifier, spec: InputSpec, scene: Scene, out: str | os.PathLike, *args, **kwargs
 ) -> dict[str, object]:
-    """Classify ``scene`` window by window and write the map to ``out``; returns a summary.
-
-    One output pixel per stride (the window centred on it) by default; with
-    ``full_resolution`` the output is on the scene's grid and overlapping windows are
-    blended with a centre-weighted tent. Windows with more than ``max_nodata`` nodata are
-    not classified; their pixels, and every nodata input pixel, are nodata in the output.
-    The nodata pixels of the windows classified get their band's training fill, as in
-    training. The summary's ``band_order`` says whether bands were matched by name.
-
-    Each window is read once, so GDAL's block cache (5% of RAM by default) only grows
-    with the scene: ``gdal_cache_mb`` caps it, which keeps memory bounded by the batch.
-    """
-    with rasterio.Env(GDAL_CACHEMAX=gdal_cache_mb * 1024**2):
-        spec, band_order = match_bands(spec, scene.descriptions, scene.count, scene.name)
-        tile = spec.tile_size[0]
-        stride = stride or tile
-        if scene.crs is None:
-            warnings.warn(f"{scene.name} has no CRS: the map is written without one", stacklevel=2)
-        out = Path(out)
-        target = out.with_suffix(".tmp.tif") if cog else out
-        tags = {"tile_size": str(tile), "stride": str(stride), "full_resolution": str(full_resolution),
-                "band_order": band_order, **(tags or {})}
-        if tile > min(scene.height, scene.width):  # every window would be partly mirrored pixels
-            raise TileError(
-                scene.name,
-                f"is {scene.height}x{scene.width} pixels, smaller than one {tile}x{tile} window (the checkpoint's "
-                f"tile size): it cannot be classified without making up pixels; use a scene at least {tile}x{tile}",
-            )
-        if full_resolution:
-            writer = MapWriter(target, spec, scene, scene.width, scene.height, scene.transform, dtype, tags)
-            run = _full_resolution
-        else:
-            width, height = math.ceil(scene.width / stride), math.ceil(scene.height / stride)
-            writer = MapWriter(target, spec, scene, width, height, scene.transform @ Affine.scale(stride), dtype, tags)
-            run = _per_window
-        try:
-            counts = run(model, spec, scene, writer, stride, batch_size, max_nodata)
-        finally:
-            writer.close()
-        if cog:
-            rasterio.shutil.copy(target, out, driver="COG", compress="DEFLATE", blocksize=256)
-            target.unlink()
-        return {"out": str(out), "tile_size": tile, "stride": stride, "band_order": band_order, **counts}
+    """:func:`deforest.mapping.predict_scene` with ``model``'s probabilities."""
+    return mapping.predict_scene(probabilities(model), spec, scene, out, *args, **kwargs)
 
 
-def _read_padded(scene: Scene, bands: list[int], row0: int, col0: int, height: int, width: int) -> np.ndarray:
-    """Rows/cols of the scene, mirrored where the request reaches past an edge."""
-    r0, r1 = max(row0, 0), min(row0 + height, scene.height)
-    c0, c1 = max(col0, 0), min(col0 + width, scene.width)
-    data = scene.read(Window(c0, r0, c1 - c0, r1 - r0), bands)
-    pad = ((0, 0), (r0 - row0, row0 + height - r1), (c0 - col0, col0 + width - c1))
-    return np.pad(data, pad, mode="symmetric") if any(p != (0, 0) for p in pad) else data
+def predict_tiles(model: TileClassifier, spec: InputSpec, tiles: str | os.PathLike, out: str | os.PathLike,
+                  batch_size: int = 256) -> dict[str, object]:
+    """:func:`deforest.mapping.predict_tiles` with ``model``'s probabilities."""
+    return mapping.predict_tiles(probabilities(model), spec, tiles, out, batch_size)
 
 
-def _classify(
-    model: TileClassifier, spec: InputSpec, scene: Scene, block: np.ndarray, origins: Sequence[tuple[int, int]],
-    batch_size: int, max_nodata: float,
-) -> tuple[np.ndarray, np.ndarray]:
-    """Probabilities ``[n, C]`` of the windows at ``origins`` (row, column) of ``block`` (0
-    where not valid), and which windows are valid (at most ``max_nodata`` nodata)."""
-    tile = spec.tile_size[0]
-    nodata = scene.nodata_mask(block)
-    valid = np.asarray([nodata[r : r + tile, c : c + tile].mean() <= max_nodata for r, c in origins])
-    probs = np.zeros((len(origins), spec.num_classes), np.float32)
-    for batch in _batches(np.flatnonzero(valid), batch_size):
-        windows = np.stack([block[:, r : r + tile, c : c + tile] for r, c in (origins[i] for i in batch)])
-        probs[batch] = _probabilities(model, spec, windows, scene.nodata)
-    return probs, valid
-
-
-def _per_window(
-    model: TileClassifier, spec: InputSpec, scene: Scene, writer: MapWriter, stride: int, batch_size: int,
-    max_nodata: float,
-) -> dict[str, int]:
-    """One output pixel per ``stride`` block, from the window centred on that block. Enough
-    rows of windows are read at once to fill a batch (a 2048 px scene has 32 per row)."""
-    tile = spec.tile_size[0]
-    offset = (tile - stride) // 2
-    n_cols = writer.dst.width
-    rows_per_read = max(1, batch_size // n_cols)
-    classified = skipped = 0
-    for i in range(0, writer.dst.height, rows_per_read):
-        rows = min(rows_per_read, writer.dst.height - i)
-        block = _read_padded(scene, spec.bands, i * stride - offset, -offset, (rows - 1) * stride + tile,
-                             (n_cols - 1) * stride + tile)
-        origins = [(r * stride, c * stride) for r in range(rows) for c in range(n_cols)]
-        probs, valid = _classify(model, spec, scene, block, origins, batch_size, max_nodata)
-        writer.write(probs.T.reshape(-1, rows, n_cols), ~valid.reshape(rows, n_cols), Window(0, i, n_cols, rows))
-        classified += int(valid.sum())
-        skipped += int((~valid).sum())
-    return {"windows": classified, "nodata_windows": skipped}
-
-
-def _full_resolution(
-    model: TileClassifier, spec: InputSpec, scene: Scene, writer: MapWriter, stride: int, batch_size: int,
-    max_nodata: float,
-) -> dict[str, int]:
-    """Every scene pixel: the tent-weighted mean of the windows covering it."""
-    tile = spec.tile_size[0]
-    ys, xs = window_starts(scene.height, tile, stride), window_starts(scene.width, tile, stride)
-    weight = tent(tile)
-    wx = np.zeros((len(xs), scene.width))
-    for k, x in enumerate(xs):
-        wx[k, x : x + tile] = weight
-    kept: list[tuple[int, np.ndarray, np.ndarray]] = []  # (row start, probs [n, C], valid [n])
-    done = classified = skipped = 0
-    for r, y in enumerate(ys):
-        strip = scene.read(Window(0, y, scene.width, tile), spec.bands)
-        probs, valid = _classify(model, spec, scene, strip, [(0, x) for x in xs], batch_size, max_nodata)
-        kept.append((y, probs, valid))
-        classified, skipped = classified + int(valid.sum()), skipped + int((~valid).sum())
-        final = ys[r + 1] if r + 1 < len(ys) else scene.height
-        if final <= done:
-            continue
-        num = np.zeros((spec.num_classes, final - done, scene.width))
-        den = np.zeros((final - done, scene.width))
-        for y0, p, v in kept:
-            wy = np.zeros(final - done)
-            lo, hi = max(y0, done), min(y0 + tile, final)
-            if lo >= hi:
-                continue
-            wy[lo - done : hi - done] = weight[lo - y0 : hi - y0]
-            row_w = v @ wx  # [W]
-            num += wy[None, :, None] * ((p * v[:, None]).T @ wx)[:, None, :]
-            den += wy[:, None] * row_w[None, :]
-        rows = Window(0, done, scene.width, final - done)
-        invalid = (den == 0) | scene.nodata_mask(scene.read(rows, spec.bands))
-        writer.write(num / np.maximum(den, 1e-12)[None], invalid, rows)
-        done = final
-        kept = [k for k in kept if k[0] + tile > done]
-    return {"windows": classified, "nodata_windows": skipped}
-
-
-def tile_paths(tiles: str | os.PathLike) -> list[Path]:
-    """The tiles of a manifest folder (``labels.csv`` order) or every GeoTIFF below a folder."""
-    root = Path(tiles)
-    manifest = root / "labels.csv"
-    if manifest.is_file():
-        with manifest.open(newline="", encoding="utf-8-sig") as handle:
-            return [root / row["path"] for row in csv.DictReader(handle)]
-    paths = sorted(p for p in root.rglob("*") if p.suffix.lower() in TILE_SUFFIXES)
-    if not paths:
-        raise FileNotFoundError(f"{root}: no labels.csv and no .tif tiles")
-    return paths
-
-
-def predict_tiles(
-    model: TileClassifier, spec: InputSpec, tiles: str | os.PathLike, out: str | os.PathLike, batch_size: int = 256
-) -> dict[str, object]:
-    """One CSV row per tile: path, predicted class(es) and one probability per class.
-
-    Tiles are preprocessed as in training (nodata pixels given their band's fill); returns
-    the tile count and how the band order was established (``band_order``).
-    """
-    paths = tile_paths(tiles)
-    first = read_header(paths[0])
-    spec, band_order = match_bands(spec, first.descriptions, first.count, str(paths[0]))
-    thresholds = spec.decision_thresholds()
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with out.open("w", newline="", encoding="utf-8") as handle:
-        writer = csv.writer(handle)
-        writer.writerow(["path", "predicted", *[f"p_{name}" for name in spec.class_names]])
-        for batch in _batches(paths, batch_size):
-            with pixel_reads():
-                images = [read_raster(p, spec.bands) for p in batch]
-            for path, image in zip(batch, images):
-                if image.shape != images[0].shape:
-                    raise TileError(path, f"is {image.shape[1]}x{image.shape[2]}, not {images[0].shape[1]}x{images[0].shape[2]} like {batch[0]}")
-            probs = _probabilities(model, spec, np.stack(images), first.nodata)
-            for path, p in zip(batch, probs):
-                if spec.task == MULTICLASS:
-                    predicted = spec.class_names[int(p.argmax())]
-                else:
-                    predicted = " ".join(n for n, hit in zip(spec.class_names, p >= thresholds) if hit)
-                writer.writerow([str(path), predicted, *[f"{v:.6f}" for v in p]])
-    return {"out": str(out), "tiles": len(paths), "band_order": band_order}
+def _classify(model: TileClassifier, spec: InputSpec, scene: Scene, block: np.ndarray,
+              origins: Sequence[tuple[int, int]], batch_size: int, max_nodata: float) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`deforest.mapping._classify` with ``model``'s probabilities."""
+    return mapping._classify(probabilities(model), spec, scene, block, origins, batch_size, max_nodata)

@@ -13,7 +13,6 @@ import logging
 from pathlib import Path
 from typing import Any
 
-import pandas as pd
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
@@ -63,6 +62,9 @@ def collect_runs(multirun_dir: str | Path) -> list[dict[str, Any]]:
 
 def write_summary(multirun_dir: str | Path, filename: str = SUMMARY_NAME) -> Path:
     """Write ``collect_runs`` as a CSV (one row per job) at the sweep root; returns its path."""
+    # here, not at the top: every command loads this callback, deforest-predict without pandas too
+    import pandas as pd
+
     path = Path(multirun_dir) / filename
     pd.DataFrame(collect_runs(multirun_dir)).to_csv(path, index=False)
     return path

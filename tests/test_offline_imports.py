@@ -15,7 +15,8 @@ def connect(self, address):
     attempts.append(address)
     raise OSError("network disabled in this test")
 socket.socket.connect = connect
-import deforest.cli.train  # imports albumentations, torch, lightning, hydra
+import deforest.cli.train  # imports torch, lightning, hydra
+import albumentations  # imported where a data.augment pipeline is built, after deforest.cli set its variable
 print(len(attempts))
 """
 

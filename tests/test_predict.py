@@ -161,3 +161,22 @@ def test_multilabel_map_without_crs_float32_cog(tmp_path):
     np.testing.assert_array_equal(data[0], data[2] >= np.float32(0.3))
     np.testing.assert_array_equal(data[1], data[3] >= np.float32(0.6))
     assert ((data[2:] > 0) & (data[2:] < 1)).all()
+
+
+def test_scene_bands_are_matched_by_name_whatever_their_spelling():
+    """A scene that spells its bands B1..B4 (and lower case) is read in the checkpoint's B01..B04
+    order: the same canonical names training used."""
+    from deforest.contract import InputSpec, Normalization
+    from deforest.io import TileError
+    from deforest.predict import match_bands
+
+    spec = InputSpec(
+        task="multiclass", class_names=["a", "b"], bands=[1, 2, 3], source_band_count=4, source_dtype="uint16",
+        nodata=None, normalization=Normalization([0.0] * 3, [1.0] * 3), tile_size=[8, 8],
+        band_names=["B02", "B03", "B04"],
+    )
+    matched, note = match_bands(spec, ["b4", "B1", "B3", "B2"], 4, "scene.tif")
+    assert matched.bands == [4, 3, 1]
+    assert "matched by name" in note
+    with pytest.raises(TileError, match="do not match"):
+        match_bands(spec, ["B1", "B5", "B3", "B2"], 4, "scene.tif")

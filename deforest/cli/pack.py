@@ -14,6 +14,7 @@ from omegaconf import DictConfig
 from deforest.cli.errors import exit_on_user_error
 from deforest.cli.overrides import checked_overrides
 from deforest.cli.train import CONFIG_PATH
+from deforest.outputs import check_outputs
 from deforest.pack import PackResult, check_pack, pack_dataset
 
 log = logging.getLogger(__name__)
@@ -31,6 +32,8 @@ def pack(cfg: DictConfig) -> PackResult | None:
         log.info("packed %d/%d tiles", done, total)
 
     remote = "://" in str(cfg.out)
+    if not remote:  # the pack is never written into (or over) the tiles it packs
+        check_outputs({"out": cfg.out}, {"data.root": layout.root, "manifest": getattr(layout, "manifest", None)}, files=False)
     # an object-store pack is built (and resumable) in the cache, then copied up
     local = Path(cfg.paths.cache_dir) / "packs" / hashlib.sha256(str(cfg.out).encode()).hexdigest()[:16] if remote else cfg.out
     result = pack_dataset(layout, local, progress=progress, num_workers=cfg.num_workers, shard_tiles=cfg.shard_tiles)

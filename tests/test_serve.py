@@ -1,0 +1,205 @@
+"""deforest-predict on an exported ONNX model (ckpt_path=model.onnx): onnxruntime alone runs it,
+through the same windows, blending, nodata handling and writers as the checkpoint, and the map
+is the checkpoint's. The slow test installs deforest without torch in a fresh venv and runs it there."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import rasterio
+from hydra import compose, initialize_config_module
+
+from conftest import REPO
+from test_export import _train, run_export  # how test_export trains and exports its EuroSAT model
+from deforest.cli.predict import predict
+from deforest.config_checks import ConfigError
+from deforest.safety import CheckpointError
+
+ATOL = 1e-4
+GRID = 3  # the scene: GRID x GRID real EuroSAT tiles
+NODATA = 0
+SERVE_PACKAGES = ["numpy", "rasterio", "onnxruntime", "hydra-core", "omegaconf"]  # pyproject's serve extra
+
+
+def mosaic(eurosat_root: Path, out: Path) -> Path:
+    """A 13-band uint16 scene of real EuroSAT test tiles (3x3, 192x192 px) on the first tile's grid,
+    declaring nodata 0, with a 40x70 px nodata corner (windows mostly inside it are not classified)."""
+    tiles = sorted((eurosat_root / "test").glob("*/*.tif"))[:: 54 // GRID**2][: GRID**2]
+    with rasterio.open(tiles[0]) as src:
+        profile, size = src.profile, src.width
+    image = np.zeros((profile["count"], GRID * size, GRID * size), np.uint16)
+    for i, tile in enumerate(tiles):
+        with rasterio.open(tile) as src:
+            r, c = divmod(i, GRID)
+            image[:, r * size : (r + 1) * size, c * size : (c + 1) * size] = src.read()
+    image[:, :40, :70] = NODATA
+    profile.update(width=GRID * size, height=GRID * size, nodata=NODATA, tiled=False, compress="deflate")
+    with rasterio.open(out, "w", **profile) as dst:
+        dst.write(image)
+    return out
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory, eurosat_root) -> dict[str, Path]:
+    """A model trained one epoch on the EuroSAT sample, its checkpoint and its ONNX export, and a scene."""
+    root = tmp_path_factory.mktemp("serve")
+    ckpt = Path(_train(root / "run", []))
+    onnx = run_export(root, str(ckpt), "onnx")
+    return {"ckpt": ckpt, "onnx": onnx, "scene": mosaic(eurosat_root, root / "mosaic.tif")}
+
+
+def predict_with(model: Path, scene: Path, out: Path, *overrides: str) -> dict:
+    """The command's own function on the composed ``predict`` config."""
+    with initialize_config_module(config_module="deforest.conf", version_base="1.3"):
+        cfg = compose("predict", overrides=[f"ckpt_path={model}", f"scene={scene}", f"out={out}", "device=cpu", *overrides])
+    return predict(cfg)
+
+
+def assert_same_map(got: Path, expected: Path) -> None:
+    """Same grid, bands, nodata and tags (but the model's path); the class band identical, the
+    probabilities within ``ATOL`` (one step of 1/254 in uint8 maps, where rounding may tip)."""
+    with rasterio.open(got) as a, rasterio.open(expected) as b:
+        assert (a.crs, a.transform, a.shape, a.count, a.dtypes) == (b.crs, b.transform, b.shape, b.count, b.dtypes)
+        np.testing.assert_equal(a.nodata, b.nodata)  # 255, or NaN in float32 maps
+        assert a.descriptions == b.descriptions
+        tags_a, tags_b = a.tags(), b.tags()
+        assert tags_a.pop("checkpoint").endswith(".onnx") and tags_b.pop("checkpoint").endswith(".ckpt")
+        assert tags_a == tags_b
+        x, y = a.read(), b.read()
+    np.testing.assert_array_equal(x[0], y[0])
+    if x.dtype == np.uint8:
+        assert np.abs(x[1:].astype(int) - y[1:]).max() <= 1
+        assert (x[1:] == y[1:]).mean() > 0.99
+    else:
+        np.testing.assert_allclose(x[1:], y[1:], atol=ATOL, rtol=0)  # NaN nodata at the same pixels
+
+
+@pytest.mark.slow  # trains a model
+@pytest.mark.parametrize(
+    "overrides",
+    [[], ["full_resolution=true", "stride=16", "dtype=float32", "batch_size=7"]],
+    ids=["per-window-uint8", "full-resolution-float32"],
+)
+def test_onnx_model_maps_as_its_checkpoint(exported, overrides, tmp_path):
+    from_ckpt = predict_with(exported["ckpt"], exported["scene"], tmp_path / "ckpt.tif", *overrides)
+    from_onnx = predict_with(exported["onnx"], exported["scene"], tmp_path / "onnx.tif", *overrides)
+    assert {k: v for k, v in from_onnx.items() if k != "out"} == {k: v for k, v in from_ckpt.items() if k != "out"}
+    assert from_onnx["nodata_windows"] > 0 and from_onnx["windows"] > 0  # the nodata corner was skipped
+    assert_same_map(tmp_path / "onnx.tif", tmp_path / "ckpt.tif")
+    with rasterio.open(tmp_path / "onnx.tif") as src:
+        classes, probs = src.read(1), src.read()[1:].astype(np.float64)
+        assert src.width == (192 if "full_resolution=true" in overrides else 3)
+        nodata, uint8 = src.nodata, src.dtypes[0] == "uint8"
+    valid = classes != nodata if uint8 else ~np.isnan(probs[0])
+    assert 0 < valid.mean() < 1  # the nodata corner is nodata in the map, the rest is classified
+    scale = 254 if uint8 else 1
+    np.testing.assert_allclose(probs[:, valid].sum(axis=0) / scale, 1.0, atol=len(probs) / 254 if scale > 1 else 1e-4)
+    assert len(np.unique(classes[valid])) > 1  # real tiles of several classes, not one answer everywhere
+
+
+@pytest.mark.slow  # trains a model
+def test_onnx_tile_size_cannot_change(exported, tmp_path):
+    with pytest.raises(ConfigError, match=r"model\.onnx: the ONNX model takes 64x64 windows, not 32x32"):
+        predict_with(exported["onnx"], exported["scene"], tmp_path / "map.tif", "tile_size=32")
+    assert not (tmp_path / "map.tif").exists()
+
+
+def test_onnx_file_without_the_contract_is_refused(tmp_path, scenes_root):
+    """An ONNX file not written by deforest-export, and a file that is no ONNX model: one line each."""
+    garbage = tmp_path / "garbage.onnx"
+    garbage.write_bytes(b"not a model\x00" * 20)
+    scene = scenes_root / "landsat7-bahamas" / "RGB.byte.tif"
+    with pytest.raises(CheckpointError, match=r"garbage\.onnx: is not a readable ONNX model: .*INVALID_PROTOBUF"):
+        predict_with(garbage, scene, tmp_path / "map.tif")
+    onnx = pytest.importorskip("onnx")
+    graph = onnx.helper.make_graph([onnx.helper.make_node("Identity", ["raw"], ["probabilities"])], "plain",
+                                   [onnx.helper.make_tensor_value_info("raw", onnx.TensorProto.FLOAT, [1, 2])],
+                                   [onnx.helper.make_tensor_value_info("probabilities", onnx.TensorProto.FLOAT, [1, 2])])
+    plain = tmp_path / "plain.onnx"
+    onnx.save(onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 18)]), str(plain))
+    with pytest.raises(CheckpointError, match=r"plain\.onnx: has no deforest\.export metadata: not a model written by deforest-export"):
+        predict_with(plain, scene, tmp_path / "map.tif")
+    assert not (tmp_path / "map.tif").exists()
+
+
+NO_TORCH = """
+import importlib.abc, sys
+class Absent(importlib.abc.MetaPathFinder):  # as in an install without them: importing one fails
+    def find_spec(self, name, path, target=None):
+        if name.split(".")[0] in {absent!r}:
+            raise ModuleNotFoundError(f"No module named {{name!r}}")
+sys.meta_path.insert(0, Absent())
+import deforest.cli.predict, deforest.cpu, deforest.sweeps, deforest.safety  # the command and its Hydra callbacks
+print(sorted(m for m in sys.modules if m.split(".")[0] in {absent!r}))
+"""
+
+
+def test_the_onnx_path_imports_no_torch():
+    """What ``deforest-predict`` and its Hydra callbacks import at start, with torch, Lightning,
+    albumentations, torchvision, scipy and pandas made unimportable (fast; the slow test below
+    checks the same in a real venv without them)."""
+    absent = {"torch", "lightning", "albumentations", "torchvision", "torchmetrics", "scipy", "pandas", "matplotlib"}
+    done = subprocess.run([sys.executable, "-c", NO_TORCH.format(absent=absent)], capture_output=True, text=True, cwd=REPO)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.strip() == "[]"
+
+
+def test_the_reader_knows_what_the_exporter_writes():
+    """deforest.serve keeps its own copies of the exporter's key and version (deforest.export imports torch)."""
+    from deforest import export, serve
+
+    assert serve.METADATA_KEY == export.METADATA_KEY and export.EXPORT_VERSION in serve.EXPORT_VERSIONS
+    assert serve.ONNX_SUFFIX == export.FORMATS["onnx"]
+
+
+# ---- a venv without torch ------------------------------------------------------------------------
+def _pip(venv: Path, *args: str) -> None:
+    done = subprocess.run([str(venv / "bin" / "python"), "-m", "pip", "install", "-q", *args],
+                          capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, (done.stdout + done.stderr)[-3000:]
+
+
+@pytest.fixture(scope="session")
+def serve_venv(tmp_path_factory) -> Path:
+    """``python3.11 -m venv``, the serve extra's packages from the package index, then deforest itself
+    with ``pip install --no-deps`` (from a copy of the sources: no build files in the checkout).
+    About 20 s with a warm pip cache."""
+    python = shutil.which("python3.11") or sys.executable
+    venv = tmp_path_factory.mktemp("serve-venv") / "venv"
+    subprocess.run([python, "-m", "venv", str(venv)], check=True, timeout=300)
+    _pip(venv, *SERVE_PACKAGES)
+    source = tmp_path_factory.mktemp("serve-src")
+    for name in ("pyproject.toml", "README.md", "LICENSE"):
+        if (REPO / name).exists():
+            shutil.copy2(REPO / name, source / name)
+    for folder in ("deforest", "conf"):
+        shutil.copytree(REPO / folder, source / folder, ignore=shutil.ignore_patterns("__pycache__", "local"))
+    _pip(venv, "--no-deps", str(source))
+    return venv
+
+
+@pytest.mark.slow  # builds a venv (network: the package index) and trains a model
+def test_onnx_prediction_runs_without_torch(serve_venv, exported, tmp_path):
+    python = serve_venv / "bin" / "python"
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
+    absent = subprocess.run([str(python), "-c", "import torch"], capture_output=True, text=True, env=env, cwd=tmp_path)
+    assert absent.returncode == 1 and "No module named 'torch'" in absent.stderr
+    for package in ("lightning", "albumentations", "torchvision", "scipy", "pandas"):
+        assert subprocess.run([str(python), "-c", f"import {package}"], capture_output=True, env=env).returncode == 1
+    out = tmp_path / "onnx.tif"
+    done = subprocess.run(
+        [str(serve_venv / "bin" / "deforest-predict"), f"ckpt_path={exported['onnx']}", f"scene={exported['scene']}",
+         f"out={out}", "full_resolution=true", "stride=16", "dtype=float32", f"hydra.run.dir={tmp_path / 'run'}"],
+        capture_output=True, text=True, env=env, cwd=tmp_path, timeout=600,
+    )
+    assert done.returncode == 0, (done.stdout + done.stderr)[-3000:]
+    assert "Traceback" not in done.stdout + done.stderr
+    predict_with(exported["ckpt"], exported["scene"], tmp_path / "ckpt.tif", "full_resolution=true", "stride=16",
+                 "dtype=float32")
+    assert_same_map(out, tmp_path / "ckpt.tif")
