@@ -29,6 +29,7 @@ from deforest.area import (
 from deforest.cli.errors import exit_on_user_error
 from deforest.cli.overrides import checked_overrides
 from deforest.config_checks import ConfigError
+from deforest.outputs import check_outputs
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +47,15 @@ def _out_dir(cfg: DictConfig) -> Path:
     return Path(cfg.out if cfg.get("out") else cfg.paths.output_dir)
 
 
+def _check_outputs(cfg: DictConfig, names: tuple[str, ...]) -> None:
+    """None of the files this action writes into the output folder is ``map=`` or ``reference=``."""
+    out = _out_dir(cfg)
+    inputs = {"map": cfg.map, "reference": cfg.get("reference")}
+    check_outputs({"out": out}, inputs, files=False)
+    for name in names:
+        check_outputs({"out": out / name}, inputs)
+
+
 def estimate(cfg: DictConfig) -> dict:
     """Estimate the class areas of ``cfg.map`` from ``cfg.reference``; writes area.json/.md."""
     if not cfg.get("reference"):
@@ -53,6 +63,7 @@ def estimate(cfg: DictConfig) -> dict:
                           "or draw them first with: deforest-area sample map=... n=...")
     if not cfg.z > 0:
         raise ConfigError(f"z={cfg.z}: the confidence interval needs z > 0 (1.96: 95%)")
+    _check_outputs(cfg, ("area.json", "area.md"))
     result = assess(cfg.map, cfg.reference, cfg.class_field, int(cfg.band), _plain(cfg.classes), float(cfg.z))
     out = _out_dir(cfg)
     out.mkdir(parents=True, exist_ok=True)
@@ -69,6 +80,7 @@ def sample(cfg: DictConfig) -> dict:
     """Draw a seeded stratified random sample of ``cfg.map``'s pixels; writes sample.gpkg/.csv/.md."""
     if cfg.min_per_class is None or int(cfg.min_per_class) < 0:
         raise ConfigError(f"min_per_class={cfg.min_per_class}: give a count >= 0")
+    _check_outputs(cfg, ("sample.gpkg", "sample.csv", "sample.md"))
     strata = map_class_areas(cfg.map, int(cfg.band), _plain(cfg.classes))
     allocation = _plain(cfg.allocation)
     counts = allocate(
