@@ -42,6 +42,7 @@ import torch
 from deforest.batch_buffers import TORCH_DTYPES, BatchBuffers, batch_tensor
 from deforest.datasets import DatasetError, TileIndex, TileLayout
 from deforest.io import RasterHeader, TileError, file_fingerprint, read_header
+from deforest.validation import is_nodata
 
 log = logging.getLogger(__name__)
 
@@ -334,7 +335,7 @@ def tile_sums(image: np.ndarray, nodata: float | None) -> np.ndarray:
     if nodata is None:
         n = np.full(raw.shape[0], raw.shape[1] * raw.shape[2], np.float64)
     else:
-        valid = ~np.isnan(image) if np.isnan(nodata) else image != np.float32(nodata)
+        valid = ~is_nodata(image, nodata)  # the rule files and packed batches are filled by
         n = valid.sum(axis=(1, 2)).astype(np.float64)
         raw, logs = np.where(valid, raw, 0.0), np.where(valid, logs, 0.0)
     return np.stack([n, raw.sum(axis=(1, 2)), (raw**2).sum(axis=(1, 2)), logs.sum(axis=(1, 2)), (logs**2).sum(axis=(1, 2))])
