@@ -300,14 +300,16 @@ def band_plan(weights: PretrainedWeights, data_bands: Sequence[str] | None, coun
 def map_stem_kernels(kernel: Tensor, source: Sequence[int | None]) -> Tensor:
     """First-layer kernels ``[O, C_w, k, k]`` rearranged for the data's bands ``[O, C, k, k]``.
 
-    A band the weights lack gets the mean of the pretrained kernels over their input bands;
-    the result is scaled by ``C_w / C`` so a pixel's summed response keeps its magnitude.
-    It follows timm's ``adapt_input_conv`` (repeat the pretrained kernels over the new
-    channels, rescale by ``C_w / C``), with kernels placed by band name instead of in order.
+    A band the weights have keeps its own kernel, unscaled: those kernels were trained on
+    that band's values, and scaling them (by 13/4 for 4 of 13 bands) would multiply the
+    stem's response to exactly the inputs the weights know. A band the weights lack gets
+    the mean of the pretrained kernels over their input bands, scaled by ``C_w / C`` as in
+    timm's ``adapt_input_conv`` (which repeats kernels over new channels and rescales them),
+    so the made-up kernels add a modest response instead of C_w-fold copies of one.
     """
-    mean = kernel.mean(dim=1)
+    mean = kernel.mean(dim=1) * (kernel.shape[1] / len(source))
     columns = [kernel[:, s] if s is not None else mean for s in source]
-    return torch.stack(columns, dim=1) * (kernel.shape[1] / len(source))
+    return torch.stack(columns, dim=1)
 
 
 def input_normalization(

@@ -71,11 +71,11 @@ def test_imagenet_weights_load_from_the_hub_cache(hub, train_config):
     net = model.net
     torch.testing.assert_close(net.layer3[1].conv2.weight, imagenet["layer3.1.conv2.weight"])
     torch.testing.assert_close(net.bn1.running_var, imagenet["bn1.running_var"])
-    # ImageNet's red, green, blue kernels go to B04, B03, B02; the other ten bands get their
-    # mean; all scaled by 3/13 (timm's adapt_input_conv)
+    # ImageNet's red, green, blue kernels go to B04, B03, B02 as they are; the other ten bands
+    # get their mean scaled by 3/13 (timm's adapt_input_conv, applied to the new bands only)
     rgb, scale = imagenet["conv1.weight"], 3 / 13
-    torch.testing.assert_close(net.conv1.weight[:, EUROSAT_BANDS.index("B04")], rgb[:, 0] * scale)
-    torch.testing.assert_close(net.conv1.weight[:, EUROSAT_BANDS.index("B02")], rgb[:, 2] * scale)
+    torch.testing.assert_close(net.conv1.weight[:, EUROSAT_BANDS.index("B04")], rgb[:, 0])
+    torch.testing.assert_close(net.conv1.weight[:, EUROSAT_BANDS.index("B02")], rgb[:, 2])
     torch.testing.assert_close(net.conv1.weight[:, EUROSAT_BANDS.index("B11")], rgb.mean(dim=1) * scale)
     assert net.conv1.kernel_size == (7, 7) and net.conv1.stride == (2, 2)  # the pretrained stem is kept
     plan = model.hparams.pretrained
@@ -145,11 +145,30 @@ def test_local_file_with_weights_bands_maps_kernels_by_name(tmp_path, train_conf
     model = build_model(cfg.model, cfg.loss, _datamodule(cfg))
     kernels, scale = state["conv1.weight"], 4 / 13
     for band, j in (("B08", 0), ("B04", 1), ("B03", 2), ("B02", 3)):
-        torch.testing.assert_close(model.net.conv1.weight[:, EUROSAT_BANDS.index(band)], kernels[:, j] * scale)
+        torch.testing.assert_close(model.net.conv1.weight[:, EUROSAT_BANDS.index(band)], kernels[:, j])
     torch.testing.assert_close(model.net.conv1.weight[:, EUROSAT_BANDS.index("B8A")], kernels.mean(dim=1) * scale)
     assert model.hparams.pretrained["weights_bands"] == ["B8", "B4", "B3", "B2"]
     assert len(model.hparams.pretrained["new_bands"]) == 9
     assert model.spec.normalization.std == [3000.0] * 13 and model.spec.normalization.transform == "scale"
+
+
+def test_a_band_subset_keeps_the_pretrained_kernels_unscaled(tmp_path, train_config):
+    """4 of a 13-band file's bands: the kernels are the ones trained on those bands, as they are.
+
+    Scaling them by 13/4 (as timm does for new channels) would triple the stem's response to the
+    very bands the weights know; only kernels made up for bands the weights lack are scaled.
+    """
+    state = _timm_resnet("resnet18", 13)
+    torch.save(state, tmp_path / "s2.pth")
+    cfg = train_config([
+        "model=resnet18", f"model.weights={tmp_path / 's2.pth'}", f"model.weights_bands=[{','.join(SSL4EO_BANDS)}]",
+        "data.bands=[B04,B03,B02,B08]",
+    ])
+    model = build_model(cfg.model, cfg.loss, _datamodule(cfg))
+    kernels = state["conv1.weight"]
+    assert model.net.conv1.weight.shape[1] == 4 and model.hparams.pretrained["new_bands"] == []
+    for j, band in enumerate(("B4", "B3", "B2", "B8")):
+        torch.testing.assert_close(model.net.conv1.weight[:, j], kernels[:, SSL4EO_BANDS.index(band)])
 
 
 def test_a_file_without_band_names_is_matched_in_order_when_the_counts_agree(tmp_path, train_config, caplog):
