@@ -5,11 +5,21 @@
 # GPUs too: the PyPI torch wheel carries CUDA, cuDNN and NCCL (nvidia-* wheels); only the driver
 # comes from the host, mounted by `--gpus all`. scripts/container-smoke.sh builds on a locally made
 # Debian bookworm base instead, where no registry can be reached.
+# TORCH_INDEX: where torch comes from. Empty (the default): PyPI's torch, whose CUDA libraries
+# (about 2.7 GB of wheels) make the one image that trains on GPUs and CPUs: GPU users keep the
+# default. A CUDA base (nvidia/cuda:*-runtime-*) adds nothing to it and ships no python3.
+# TORCH_INDEX=https://download.pytorch.org/whl/cpu takes the CPU-only torch (under 200 MB) from
+# that index instead, for a small image that never sees a GPU:
+#   docker build --build-arg TORCH_INDEX=https://download.pytorch.org/whl/cpu -t deforest:cpu .
+# PIP_EXTRA_INDEX_URL, PIP_FIND_LINKS: local package sources for pip during the build only (the
+# smoke script passes the host's with their folders mounted); the image keeps neither.
 ARG BASE=python:3.11-slim
 
 FROM ${BASE} AS wheel
 # optional: a CA bundle path for pip behind a TLS-inspecting proxy (mounted at build time)
 ARG PIP_CERT
+ARG PIP_EXTRA_INDEX_URL
+ARG PIP_FIND_LINKS
 WORKDIR /src
 RUN python3 -m venv /opt/build && /opt/build/bin/pip install --no-cache-dir "build==1.2.2.post1"
 COPY pyproject.toml README.md ./
@@ -19,6 +29,9 @@ RUN /opt/build/bin/python -m build --wheel --outdir /wheels .
 
 FROM ${BASE}
 ARG PIP_CERT
+ARG PIP_EXTRA_INDEX_URL
+ARG PIP_FIND_LINKS
+ARG TORCH_INDEX=""
 ENV VIRTUAL_ENV=/opt/deforest \
     PATH=/opt/deforest/bin:$PATH \
     PYTHONUNBUFFERED=1 \
@@ -29,7 +42,8 @@ ENV VIRTUAL_ENV=/opt/deforest \
 COPY constraints.txt /tmp/constraints.txt
 COPY --from=wheel /wheels /tmp/wheels
 RUN python3 -m venv /opt/deforest \
-    && pip install --no-cache-dir --constraint /tmp/constraints.txt /tmp/wheels/deforest-*.whl \
+    && pip install --no-cache-dir ${TORCH_INDEX:+--extra-index-url "$TORCH_INDEX"} \
+        --constraint /tmp/constraints.txt /tmp/wheels/deforest-*.whl \
     && rm -rf /tmp/wheels /tmp/constraints.txt \
     && useradd --create-home --uid 1000 deforest \
     && mkdir -p /data /logs \

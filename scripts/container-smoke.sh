@@ -2,8 +2,9 @@
 # Build the deforest image and train a tiny model inside it, without a Docker engine or registry:
 # debootstrap makes a Debian bookworm + python3 base, buildah builds the Dockerfile on it and
 # runs the training (chroot isolation; `podman run` needs kernel features this may not have).
-# Needs root (or a user namespace), buildah, debootstrap and PyPI access. Slow (the torch wheels
-# are several GB), so not part of .ci/run:   sudo scripts/container-smoke.sh
+# Needs root (or a user namespace), buildah, debootstrap and PyPI access for what the host pip's
+# local sources lack (below). Slow (the torch wheels are several GB), so not part of .ci/run:
+#   sudo scripts/container-smoke.sh
 # Environment: DEBIAN_MIRROR (default http://deb.debian.org/debian), IMAGE (localhost/deforest:smoke),
 # BASE_IMAGE (localhost/deforest-base:bookworm; reused when present), CA_BUNDLE (for pip in the
 # build; default: the host's PIP_CERT or /etc/ssl/certs/ca-certificates.crt), KEEP=1 keeps the image.
@@ -18,6 +19,35 @@ for tool in buildah debootstrap; do
     command -v "$tool" >/dev/null || { echo "container-smoke: needs $tool (apt-get install buildah debootstrap)" >&2; exit 2; }
 done
 [ -r "$CA_BUNDLE" ] || { echo "container-smoke: CA bundle $CA_BUNDLE not readable (set CA_BUNDLE)" >&2; exit 2; }
+# The host pip's local package sources (file:// indexes and find-links folders, e.g. a wheel mirror
+# named in /etc/xdg/pip/pip.conf) go into the build too, mounted read-only at the same paths: pip
+# there then takes torch and its CUDA wheels (GBs) from disk where the host has them, as the host
+# does. An index folder is mounted with its parent, where a mirror keeps the files its pages link to.
+# Prints one build argument or mount per line; nothing when pip has no local source.
+local_pip_sources() {
+    python3 - <<'PY'
+import os, subprocess, sys
+from urllib.parse import urlparse
+listing = subprocess.run([sys.executable, "-m", "pip", "config", "list"], capture_output=True, text=True).stdout
+conf = {}  # pip lists the environment's values first, and they win over the files'
+for line in listing.splitlines():
+    key, _, value = line.partition("=")
+    conf.setdefault(key.split(".", 1)[-1], value.strip("'\""))
+def local(entry):
+    url = urlparse(entry)
+    path = url.path if url.scheme == "file" else entry if not url.scheme else ""
+    return os.path.realpath(path) if path and os.path.isdir(path) else ""
+indexes = [p for p in map(local, (conf.get("index-url", "") + " " + conf.get("extra-index-url", "")).split()) if p]
+links = [p for p in map(local, conf.get("find-links", "").split()) if p]
+if indexes:
+    print("--build-arg=PIP_EXTRA_INDEX_URL=" + " ".join("file://" + p for p in indexes))
+if links:
+    print("--build-arg=PIP_FIND_LINKS=" + " ".join(links))
+for folder in sorted({os.path.dirname(p) for p in indexes} | set(links)):
+    print(f"--volume={folder}:{folder}:ro")
+PY
+}
+mapfile -t pip_local < <(local_pip_sources)
 work=$(mktemp -d)
 ctr=""
 cleanup() {
@@ -45,6 +75,7 @@ echo "== build $IMAGE (FROM $BASE_IMAGE)"
 buildah bud --isolation chroot --layers \
     --build-arg BASE="$BASE_IMAGE" \
     --volume "$CA_BUNDLE:/etc/ssl/certs/build-ca.crt:ro" --build-arg PIP_CERT=/etc/ssl/certs/build-ca.crt \
+    "${pip_local[@]}" \
     -t "$IMAGE" -f Dockerfile .
 
 entrypoint=$(buildah inspect --type image --format '{{.OCIv1.Config.Entrypoint}}' "$IMAGE")

@@ -1,9 +1,12 @@
 """deforest-predict on an exported ONNX model (ckpt_path=model.onnx): onnxruntime alone runs it,
 through the same windows, blending, nodata handling and writers as the checkpoint, and the map
-is the checkpoint's. The slow test installs deforest without torch in a fresh venv and runs it there."""
+is the checkpoint's. The in-process tests map a mosaic of real EuroSAT tiles with a nodata corner
+(the band-statistics model of test_export); the slow venv test installs deforest without torch and
+maps the real Rondonia Landsat 8 scene there with a model trained on tiles cut from it."""
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -13,10 +16,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import rasterio
+from affine import Affine
 from hydra import compose, initialize_config_module
 
 from conftest import REPO
 from test_export import _train, run_export  # how test_export trains and exports its EuroSAT model
+from test_predict import RONDONIA_CLASSES, rondonia  # noqa: F401 (the fixture: a model trained on the Rondonia tiles)
 from deforest.cli.predict import predict
 from deforest.config_checks import ConfigError
 from deforest.safety import CheckpointError
@@ -184,22 +189,60 @@ def serve_venv(tmp_path_factory) -> Path:
     return venv
 
 
-@pytest.mark.slow  # builds a venv (network: the package index) and trains a model
-def test_onnx_prediction_runs_without_torch(serve_venv, exported, tmp_path):
+@pytest.fixture(scope="module")
+def rondonia_onnx(rondonia, tmp_path_factory) -> Path:
+    """The ONNX export of test_predict's model trained on the Rondonia tiles."""
+    return run_export(tmp_path_factory.mktemp("rondonia-onnx"), rondonia["ckpt"], "onnx")
+
+
+def outside_env() -> dict[str, str]:
+    """This environment without what points Python at the checkout or at this test's venv."""
+    return {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
+
+
+def deforest_predict_in(venv: Path, cwd: Path, *args: str) -> subprocess.CompletedProcess:
+    """The ``deforest-predict`` console script of ``venv``."""
+    return subprocess.run([str(venv / "bin" / "deforest-predict"), *args, f"hydra.run.dir={cwd / 'run'}"],
+                          capture_output=True, text=True, env=outside_env(), cwd=cwd, timeout=600)
+
+
+@pytest.mark.slow  # builds a venv (network: the package index) and trains a model on the Rondonia tiles
+@pytest.mark.parametrize(
+    "overrides",
+    [["full_resolution=true", "stride=8", "dtype=float32"], []],
+    ids=["full-resolution-float32", "per-window-uint8"],
+)
+def test_onnx_prediction_without_torch_maps_a_real_scene_as_deforest_predict(serve_venv, rondonia, rondonia_onnx, overrides,
+                                                                            tmp_path):
+    """The Rondonia Landsat 8 clip (318x235, int16) mapped by a model trained on tiles cut from it
+    around its labelled points: its ONNX export run by deforest-predict in a venv without torch,
+    against deforest-predict on the checkpoint, over the whole scene."""
+    env = outside_env()
     python = serve_venv / "bin" / "python"
-    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
     absent = subprocess.run([str(python), "-c", "import torch"], capture_output=True, text=True, env=env, cwd=tmp_path)
     assert absent.returncode == 1 and "No module named 'torch'" in absent.stderr
     for package in ("lightning", "albumentations", "torchvision", "scipy", "pandas"):
         assert subprocess.run([str(python), "-c", f"import {package}"], capture_output=True, env=env).returncode == 1
     out = tmp_path / "onnx.tif"
-    done = subprocess.run(
-        [str(serve_venv / "bin" / "deforest-predict"), f"ckpt_path={exported['onnx']}", f"scene={exported['scene']}",
-         f"out={out}", "full_resolution=true", "stride=16", "dtype=float32", f"hydra.run.dir={tmp_path / 'run'}"],
-        capture_output=True, text=True, env=env, cwd=tmp_path, timeout=600,
-    )
+    done = deforest_predict_in(serve_venv, tmp_path, f"ckpt_path={rondonia_onnx}", f"scene={rondonia['scene']}", f"out={out}",
+                               *overrides)
     assert done.returncode == 0, (done.stdout + done.stderr)[-3000:]
     assert "Traceback" not in done.stdout + done.stderr
-    predict_with(exported["ckpt"], exported["scene"], tmp_path / "ckpt.tif", "full_resolution=true", "stride=16",
-                 "dtype=float32")
+    predict_with(Path(rondonia["ckpt"]), rondonia["scene"], tmp_path / "ckpt.tif", *overrides)
     assert_same_map(out, tmp_path / "ckpt.tif")
+    with rasterio.open(rondonia["scene"]) as scene, rasterio.open(out) as src:
+        if overrides:  # the scene's own grid
+            assert (src.crs, src.transform, src.shape) == (scene.crs, scene.transform, (235, 318))
+        else:  # one pixel per 16x16 window, from the scene's corner
+            assert src.crs == scene.crs and src.transform == scene.transform @ Affine.scale(16) and src.shape == (15, 20)
+        classes, probs = src.read(1), src.read()[1:].astype(np.float64)
+        row_col = [src.index(x, y) for x, y, _ in rondonia["points"]]
+        names = json.loads(src.tags()["class_names"])
+    assert probs.shape[0] == 4 and not np.isnan(probs).any()  # no nodata in this scene: every pixel is classified
+    scale = 1 if overrides else 254
+    np.testing.assert_allclose(probs.sum(axis=0) / scale, 1.0, atol=1e-4 if overrides else 4 / 254)
+    assert len(np.unique(classes)) > 1  # forest, agriculture, ...: not one answer everywhere
+    if overrides:
+        assert names == sorted(RONDONIA_CLASSES.values())
+        hits = [names[int(classes[r, c])] == tag for (r, c), (_, _, tag) in zip(row_col, rondonia["points"])]
+        assert np.mean(hits) >= 0.6, np.mean(hits)  # the labelled points are mapped to their class
