@@ -18,12 +18,14 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from deforest.callbacks import SaveOnSigterm
+from deforest.change import date_band_positions
 from deforest.config_checks import ConfigError
 from deforest.contract import InputSpec, Normalization
 from deforest.cpu import use_onednn, use_threads
 from deforest.datamodule import TileDataModule
 from deforest.finetuning import BackboneFinetuning
 from deforest.io import canonical_band
+from deforest.losses import MULTILABEL_ONLY
 from deforest.models import smallest_tile
 from deforest.module import TileClassifier
 from deforest.progress import progress_callbacks
@@ -72,6 +74,7 @@ def build_model(
         )
     network_bands = network_band_positions(options.pop("network_exclude_bands", None), spec.band_names)
     spec = replace(spec, network_bands=network_bands, input_pool=input_pool)
+    _check_fusion(options.get("fusion", "early"), spec, weights)
     _check_tile_fits(backbone, options, len(network_bands or spec.bands), spec.tile_size, input_pool)
     plan = None
     if weights is not None:
@@ -83,6 +86,10 @@ def build_model(
     # is what the checkpoint gives deforest-eval and prediction
     datamodule.use_contract(spec)
     loss = OmegaConf.to_container(loss_cfg, resolve=True)
+    if loss.get("scheme") in MULTILABEL_ONLY and spec.task != "multilabel":
+        # the task is known only from the data, after the config checks have run
+        raise ConfigError(f"invalid config: loss.scheme={loss['scheme']} weighs the positive and negative terms of BCE "
+                          f"apart and needs a multi-label task; this data is {spec.task} (use loss.scheme=auto)")
     criterion = instantiate(loss.pop("criterion", None))
     model = TileClassifier(
         spec,
@@ -97,6 +104,24 @@ def build_model(
     if weights is not None:
         load_pretrained(model.net, weights, plan, backbone, options.get("small_tile_stem", True))
     return model
+
+
+def _check_fusion(fusion: str, spec: InputSpec, weights: PretrainedWeights | None) -> None:
+    """``model.fusion=siamese`` needs two-date samples whose dates hold the same bands, and
+    starts from random weights: a :class:`ConfigError` before training, not in the model."""
+    if fusion != "siamese":
+        return
+    names = spec.band_names
+    network_names = names if names is None or spec.network_bands is None else [names[i] for i in spec.network_bands]
+    try:
+        date_band_positions(network_names)
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
+    if weights is not None:
+        # pretrained weights are mapped onto one network's input bands (band_plan); the shared
+        # backbone of one date's bands is another input, which that mapping does not cover yet
+        raise ConfigError("model.fusion=siamese starts from random weights: model.weights is not supported with it "
+                          "(use model.fusion=early with model.weights)")
 
 
 def _check_tile_fits(backbone: str, options: dict[str, Any], channels: int, tile: list[int], input_pool: int) -> None:

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import lightning.pytorch as pl
 
+from deforest.outputs import write_text_output
 from deforest.plots import plot_class_distribution
 
 log = logging.getLogger(__name__)
@@ -27,7 +28,7 @@ class ClassDistribution(pl.Callback):
             return
         counts = trainer.datamodule.split_counts()
         self.output_dir.mkdir(parents=True, exist_ok=True)
-        (self.output_dir / "class_distribution.json").write_text(json.dumps(counts, indent=2))
+        write_text_output(self.output_dir / "class_distribution.json", json.dumps(counts, indent=2))
         plot_class_distribution(counts, self.output_dir / "class_distribution.png")
         for split, per_class in counts.items():
             log.info("%s class counts: %s", split, per_class)

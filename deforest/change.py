@@ -34,7 +34,7 @@ from deforest.config_checks import ConfigError
 from deforest.datasets import MULTICLASS, SPLITS, DatasetError, ManifestLayout
 from deforest.geodesy import row_pixel_areas
 from deforest.io import TileError, open_raster, read_header, read_tile
-from deforest.outputs import atomic_output
+from deforest.outputs import atomic_output, read_back_raster
 from deforest.scene import Scene
 
 log = logging.getLogger(__name__)
@@ -66,6 +66,28 @@ def is_dated(names: Sequence[str] | None) -> bool:
     return bool(names) and all(DATE_SEP in name for name in names)
 
 
+def date_band_positions(names: Sequence[str] | None) -> list[list[int]]:
+    """Per date (``t0``, ``t1``), the positions of its bands among ``names``, in their order:
+    how a siamese network (``model.fusion=siamese``) takes the dates apart. Its one backbone
+    sees each date in turn, so both dates must hold the same bands in the same order; a
+    :class:`ValueError` says what is missing."""
+    if not names:
+        raise ValueError("model.fusion=siamese needs two-date samples (data=pairs): the data's bands have no names, "
+                         f"so no dates (a pair's bands are named B04{DATE_SEP}t0, B04{DATE_SEP}t1)")
+    if not is_dated(names):
+        shown = ", ".join(names[:4]) + (", ..." if len(names) > 4 else "")
+        raise ValueError(f"model.fusion=siamese needs two-date samples (data=pairs): the bands [{shown}] carry no "
+                         f"date (a pair's bands are named B04{DATE_SEP}t0, B04{DATE_SEP}t1)")
+    split = [name.rsplit(DATE_SEP, 1) for name in names]
+    positions = [[i for i, (_, d) in enumerate(split) if d == date] for date in DATES]
+    bands = [[split[i][0] for i in chosen] for chosen in positions]
+    if bands[0] != bands[1] or not bands[0] or len(names) != sum(map(len, positions)):
+        first, second = (", ".join(b) for b in bands)
+        raise ValueError(f"model.fusion=siamese needs the same bands of each date in the same order: {DATES[0]} has "
+                         f"[{first}], {DATES[1]} [{second}] (data.bands and model.network_exclude_bands select them)")
+    return positions
+
+
 # ---- two-date samples ------------------------------------------------------------------------
 class PairLayout(ManifestLayout):
     """``pairs.csv`` with ``before`` and ``after`` tile paths (relative to ``root``), space-separated
@@ -90,8 +112,6 @@ class PairLayout(ManifestLayout):
     ) -> None:
         super().__init__(root, manifest, task, class_names, None, allow_outside_root, label_separator)
         self.date_band_names = list(band_names) if band_names else None
-
-    unpackable = "a pair is two files in two folders; train from the tiles (data.packed=null)"
 
     def build_index(self):
         index = super().build_index()
@@ -139,6 +159,9 @@ class PairLayout(ManifestLayout):
 
     def stamp_files(self, source: str) -> list[str]:
         return list(self.pair_files(source))  # a new after tile must renew the cached statistics
+
+    def source_files(self, source: str) -> list[str]:
+        return list(self.pair_files(source))  # a pack re-checks both dates
 
     def _rows(self) -> list[dict[str, str]]:
         """The manifest's rows as :class:`ManifestLayout` reads them: ``path`` is the pair
@@ -359,7 +382,7 @@ def write_change_map(
     hectares = loss_hectares(classes, row_areas) if profile["crs"] is not None else None
     scaled = np.where(valid, np.rint(np.clip(prob, 0, 1) * UINT8_SCALE), 255).astype(np.uint8)
     out = Path(out)
-    with atomic_output(out, ".tif") as target, rasterio.open(
+    with atomic_output(out, ".tif", verify=read_back_raster) as target, rasterio.open(
         target, "w", **profile, count=2, dtype="uint8", nodata=CHANGE_NODATA, compress="deflate"
     ) as dst:
         dst.write(np.stack([classes, scaled]))

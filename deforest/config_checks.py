@@ -46,6 +46,7 @@ DATA_CHOICES: tuple[Choice, ...] = (
     ("data.validate", ("quick", "full", "off")),
     ("data.on_bad_tile", ("error", "skip")),
     ("data.split", ("random", "spatial")),
+    ("data.sampler", ("shuffle", "balanced", None)),
     ("data.layout.task", ("multiclass", "multilabel", None)),
     ("data.layout.nomenclature", (19, 43)),
 )
@@ -72,14 +73,16 @@ def train_choices() -> tuple[Choice, ...]:
     """The named options of ``deforest-train`` (imports the modules that define them)."""
     from deforest.losses import NORMALIZATIONS, SCHEMES
     from deforest.thresholds import TUNING_BETAS
-    from deforest.models import backbone_names
+    from deforest.models import FUSIONS, backbone_names
 
     return (
         ("model.backbone", backbone_names()),
+        ("model.fusion", FUSIONS),
         ("model.task", ("multiclass", "multilabel", None)),
         ("model.nonfinite_loss", ("error", "skip")),
         ("model.scheduler_interval", ("step", "epoch")),
         ("loss.scheme", SCHEMES),
+        ("loss.multilabel_scheme", tuple(s for s in SCHEMES if s != "auto")),
         ("loss.normalize", NORMALIZATIONS),
         ("loss.ema_base", ("inverse_count", "inverse_frequency", "effective_number", "pos_weight")),
         ("tune_thresholds", (*sorted(TUNING_BETAS), None)),

@@ -115,6 +115,19 @@ class InputSpec:
     input_pool: int = 1
     thresholds: list[float] | None = None
     split: SplitRecord | None = None
+    #: per band of ``bands``, the 2nd and 98th percentiles of the training pixels' raw values
+    #: (``None``: not recorded, nothing compared); eval and predict compare an input's scale with them
+    value_low: list[float] | None = None
+    value_high: list[float] | None = None
+    #: ``[x, y]`` pixel size of the training tiles in ``pixel_units`` (``m`` or ``deg``);
+    #: ``None`` when the tiles have no georeference
+    pixel_size: list[float] | None = None
+    pixel_units: str | None = None
+    #: the probability correction fitted on validation (:mod:`deforest.calibration`): the
+    #: probabilities are those of ``logits / calibration_temperature + calibration_bias``;
+    #: ``None``: none fitted (older checkpoints), the raw probabilities
+    calibration_temperature: float | None = None
+    calibration_bias: list[float] | None = None
 
     def __post_init__(self) -> None:
         if len(self.normalization.mean) != len(self.bands):

@@ -20,7 +20,7 @@ import lightning.pytorch as pl
 from lightning.fabric.utilities.seed import pl_worker_init_function
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from deforest.contract import InputSpec, Normalization, SplitRecord, align_classes
 from deforest.datasets import (
@@ -37,13 +37,17 @@ from deforest.batch_buffers import TORCH_DTYPES, BatchBuffers, batch_tensor
 from deforest.batch_transforms import PackedBatchTransform, collate_batches, is_device_d4
 from deforest.pack import PackedLayout, open_pack
 from deforest.splits import assign_splits, edge_tiles, imbalance_mask, restore_split, spatial_blocks, subset
+from deforest.input_check import PERCENTILES, SAMPLE_TILES, PixelSample
 from deforest.statistics import JsonCache, measure_band_statistics, moments, sample_rows
 from deforest.transforms import build_augmentation, random_d4
 from deforest.validation import (
     BadTiles,
+    band_order,
     check_header,
     check_pixels,
     collate_tiles,
+    constant_tile,
+    dataset_band_names,
     fill_nodata,
     reference_header,
     valid_pixels,
@@ -75,11 +79,15 @@ class TileDataset(Dataset):
         augment: A.Compose | None = None,
         nodata: float | None = None,
         spec: InputSpec | None = None,
+        orders: Mapping[str, Sequence[int]] | None = None,
     ) -> None:
         self.layout = layout
         self.sources = list(sources)
         self.targets = targets
         self.bands = list(bands)
+        #: the bands to read of the tiles that store them in another order (by source; the
+        #: others: ``bands``), found from their band descriptions when the headers were checked
+        self.orders = dict(orders or {})
         self.augment = augment
         self.nodata = nodata
         #: the contract whose fill nodata pixels get (``None``: left as read, for statistics)
@@ -96,10 +104,11 @@ class TileDataset(Dataset):
         The mask follows the tile's own nodata (its header or ``.aux.xml``), unless this
         dataset was given one ``nodata`` value for every tile.
         """
+        bands = self.orders.get(self.sources[i], self.bands) if self.orders else self.bands
         if self.nodata is None:
-            image, nodata = self.layout.read_with_nodata(self.sources[i], self.bands, native=native)
+            image, nodata = self.layout.read_with_nodata(self.sources[i], bands, native=native)
         else:
-            image, nodata = self.layout.read(self.sources[i], self.bands), self.nodata
+            image, nodata = self.layout.read(self.sources[i], bands), self.nodata
         return self._checked(i, image, nodata)
 
     def _checked(self, i: int, image: np.ndarray, nodata) -> tuple[np.ndarray, np.ndarray | None]:
@@ -170,6 +179,58 @@ class TileDataset(Dataset):
         return {"image": image, "target": torch.as_tensor(self.targets[good]), "index": index, "bad": bad}
 
 
+SAMPLERS = ("shuffle", "balanced")
+
+
+def balanced_weights(targets: np.ndarray, task: str) -> np.ndarray:
+    """Each training sample's draw weight for ``data.sampler=balanced`` (float64, sums to 1).
+
+    Multi-class: the inverse count of its class, so every class is drawn equally often.
+    Multi-label (``targets`` multi-hot ``[N, C]``): the inverse count of its *rarest* label. A
+    sample is one draw however many labels it carries, so no per-label weights can make every
+    label equally frequent; weighting by the rarest label repeats the samples that carry rare
+    labels (they are the scarce ones) and draws the common labels mostly as their companions.
+    A sample without a label counts as carrying the commonest one.
+    """
+    targets = np.asarray(targets)
+    if task == MULTICLASS:
+        counts = np.bincount(targets, minlength=int(targets.max()) + 1).astype(np.float64)
+        weights = 1.0 / counts[targets]
+    else:
+        positive = targets > 0
+        counts = positive.sum(axis=0).astype(np.float64)
+        per_label = np.where(positive, counts[None, :], np.inf).min(axis=1)
+        weights = 1.0 / np.where(np.isfinite(per_label), per_label, counts.max())
+    return weights / weights.sum()
+
+
+class BalancedSampler(DistributedSampler):
+    """Draws ``len(weights)`` training indices per epoch with replacement, index ``i`` with
+    probability ``weights[i]``.
+
+    One global draw per (seed, epoch), the same on every rank (a generator of its own, not the
+    global RNG); rank ``r`` of ``num_replicas`` takes the draws at positions ``r, r + R, ...``,
+    so the ranks' shares are disjoint and together are the single-process draw (padded to a
+    multiple of ``num_replicas``). A :class:`DistributedSampler` so that Lightning neither wraps
+    it under DDP nor forgets its ``set_epoch``.
+    """
+
+    def __init__(self, weights: np.ndarray, seed: int = 0, num_replicas: int = 1, rank: int = 0) -> None:
+        # DistributedSampler's own __init__ would ask torch.distributed for the world size
+        self.weights = torch.as_tensor(np.asarray(weights, dtype=np.float64))
+        self.seed, self.num_replicas, self.rank, self.epoch = int(seed), int(num_replicas), int(rank), 0
+        self.num_samples = -(-len(self.weights) // self.num_replicas)
+        self.total_size = self.num_samples * self.num_replicas
+
+    def __iter__(self):
+        generator = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
+        draw = torch.multinomial(self.weights, self.total_size, replacement=True, generator=generator)
+        return iter(draw[self.rank::self.num_replicas].tolist())
+
+    def __len__(self) -> int:
+        return self.num_samples
+
+
 class TileDataModule(pl.LightningDataModule):
     """Splits a tile layout into train/val/test and serves DataLoaders.
 
@@ -191,6 +252,8 @@ class TileDataModule(pl.LightningDataModule):
         stats_max_samples: at most this many training tiles (seeded sample) for statistics.
         imbalance: ``{class name: kept fraction}`` (``"*"`` for the rest) to subsample the
             training split into an imbalanced one, for imbalance experiments.
+        sampler: ``None``/``shuffle``: each training tile once per epoch in random order;
+            ``balanced``: :class:`BalancedSampler` with :func:`balanced_weights`.
         validate: ``quick`` reads every header, ``full`` also every pixel, ``off`` trusts.
         on_bad_tile: ``error`` stops on a bad tile naming it; ``skip`` leaves it out, logged
             and counted in :attr:`bad_tiles` (see :mod:`deforest.validation`).
@@ -229,6 +292,7 @@ class TileDataModule(pl.LightningDataModule):
         cache_dir: str | None = None,
         stats_max_samples: int = 5000,
         imbalance: Mapping[str, float] | None = None,
+        sampler: str | None = None,
         validate: str = "quick",
         on_bad_tile: str = "error",
         packed: str | None = None,
@@ -272,6 +336,12 @@ class TileDataModule(pl.LightningDataModule):
         self.cache = JsonCache(cache_dir)
         self.stats_max_samples = stats_max_samples
         self.imbalance = dict(imbalance) if imbalance else None
+        if sampler is not None and sampler not in SAMPLERS:
+            raise ValueError(f"data.sampler must be null, shuffle or balanced, not {sampler!r}")
+        self.sampler = sampler or "shuffle"
+        if self.sampler == "balanced" and getattr(self.layout, "stream", None) is not None:
+            raise DatasetError(f"{packed}: data.sampler=balanced draws tiles one by one and a pack in object storage "
+                               f"streams whole chunks: copy the pack to a local folder, or set data.sampler=null")
         self.validate = validate
         self.device_flips = device_flips
         self.split_files = dict(split_files) if split_files else None
@@ -280,6 +350,11 @@ class TileDataModule(pl.LightningDataModule):
         self.datasets: dict[str, TileDataset] = {}
         #: tiles dropped at spatial block edges
         self.dropped_at_edges = 0
+        #: per band, the 2nd/98th percentiles of the training pixels (set with the statistics)
+        self.value_range: tuple[list[float] | None, list[float] | None] = (None, None)
+        #: the loaded bands of each tile that stores them in another order than the dataset
+        #: (source -> 1-based bands of its file), from its band descriptions (:meth:`_validate_headers`)
+        self.band_orders: dict[str, list[int]] = {}
         #: the contract the model is built from (after :meth:`setup`)
         self.input_spec: InputSpec | None = None
         self._gloo = None  # see _host_group
@@ -303,15 +378,10 @@ class TileDataModule(pl.LightningDataModule):
 
     @property
     def source_band_names(self) -> list[str] | None:
-        """Names of the files' bands: their own descriptions when every band has one, else
-        the data config's band names when they fit the band count, else ``None``."""
-        described = self.reference_header.descriptions
-        if len(described) == self.source_band_count and all(described):
-            return list(described)
-        names = self.layout.band_names
-        if not names or len(names) != self.source_band_count:
-            return None
-        return list(names)
+        """Names of the files' bands: the reference tile's descriptions when every band has
+        one, else the data config's band names when they fit the band count, else ``None``.
+        Tiles that name their bands are read in this order (:meth:`_match_names`)."""
+        return dataset_band_names(self.reference_header, self.layout.band_names, self.source_band_count)
 
     @property
     def loaded_band_names(self) -> list[str] | None:
@@ -373,6 +443,7 @@ class TileDataModule(pl.LightningDataModule):
                 self.bands,
                 augment if split == "train" else None,
                 spec=self.input_spec,  # its fill; nodata: each tile's own
+                orders=self.band_orders,
             )
         counts = {s: len(d) for s, d in self.datasets.items()}
         log.info("%d tiles, %d classes, bands %s, splits %s", len(index), index.num_classes, self.bands, counts)
@@ -401,8 +472,9 @@ class TileDataModule(pl.LightningDataModule):
                     f"trained on {self.reference.source_band_count}-band tiles"
                 )
             return list(self.reference.bands)
-        try:
-            return resolve_bands(self.band_selection, self.layout.band_names, self.source_band_count)
+        try:  # by the names of the dataset's order: the reference tile's own, when it names its bands
+            names = self.source_band_names or self.layout.band_names
+            return resolve_bands(self.band_selection, names, self.source_band_count)
         except ValueError as err:
             raise DatasetError(
                 f"{self.layout.root}: the tiles have {self.source_band_count} bands; data.bands: {err}"
@@ -462,6 +534,10 @@ class TileDataModule(pl.LightningDataModule):
             tile_size=list(self.tile_size),
             band_names=self.loaded_band_names,
             split=self._split_record(root, lists, counts),
+            value_low=self.value_range[0],
+            value_high=self.value_range[1],
+            pixel_size=None if self.reference_header.res is None else list(self.reference_header.res),
+            pixel_units=self.reference_header.units,
         )
 
     def _split_record(self, root: os.PathLike | str, lists: dict[str, list[str]], counts: dict) -> SplitRecord:
@@ -535,30 +611,68 @@ class TileDataModule(pl.LightningDataModule):
         key = self._cache_key("headers")
         cached = self.cache.load("headers", key, _valid_headers_cache)
         if cached is None:
-            bad = {}
+            bad, orders = {}, {}
+            names = self._match_names()
             for source in self._index().sources:
                 path = self.layout.header_source(source)
                 try:
-                    check_header(path, read_header(path), first)
+                    header = read_header(path)
+                    check_header(path, header, first)
+                    loaded = self._tile_bands(path, header, names)
                 except TileError as err:
                     bad[source] = [err.path, err.problem]
-            cached = {"tile_size": list(size), "bad": bad}
+                    continue
+                if loaded is not None:
+                    orders[source] = loaded
+            cached = {"tile_size": list(size), "bad": bad, "orders": orders}
             self.cache.store("headers", key, cached)
+        self.band_orders = {source: list(bands) for source, bands in cached["orders"].items()}
+        if self.band_orders:
+            log.info("%d tile(s) store their bands in another order than %s (e.g. %s): read by name",
+                     len(self.band_orders), self._match_names(), next(iter(self.band_orders)))
         for source, (path, problem) in cached["bad"].items():
             self.bad_tiles.add(TileError(path, problem), source, more=len(cached["bad"]) - 1)
         return tuple(cached["tile_size"])
 
+    def _match_names(self) -> list[str] | None:
+        """The band names each tile's described bands are matched to: the dataset's (every source
+        band, in the reference tile's order), or in evaluation the checkpoint's loaded bands.
+        ``None``: bands are read by position (no names, or a header file that does not hold the
+        whole sample: BigEarthNet's one file per band, a pair's two dates)."""
+        first = self.reference_header
+        if isinstance(self.layout, PackedLayout) or self.layout.band_count(first.count) != first.count:
+            return None
+        return self.reference.band_names if self.reference is not None else self.source_band_names
+
+    def _tile_bands(self, path: str, header: RasterHeader, names: list[str] | None) -> list[int] | None:
+        """The file bands holding the loaded bands of the tile ``header`` describes, where they
+        differ from :attr:`bands` (``None``: read :attr:`bands`); raises TileError for a tile
+        that names its bands without one of ``names``."""
+        order = band_order(path, header, names)
+        if order is None:
+            return None
+        loaded = order if self.reference is not None else [order[b - 1] for b in self.bands]
+        return None if loaded == self.bands else loaded
+
     def _validate_pixels(self) -> None:
-        """Read every pixel once (``validate=full``): unreadable, NaN/inf or all-nodata tiles are bad."""
+        """Read every pixel once (``validate=full``): unreadable, NaN/inf or all-nodata tiles are
+        bad, and so are tiles of one value per band that declare no nodata (:func:`constant_tile`)."""
         index = self._index()
-        probe = TileDataset(self.layout, index.sources, index.targets, self.bands)
+        probe = TileDataset(self.layout, index.sources, index.targets, self.bands, orders=self.band_orders)
+        constant = []
         with pixel_reads():
             for i, source in enumerate(probe.sources):
                 if source not in self.bad_tiles.problems:
                     try:
-                        probe.read_valid(i)
+                        problem = constant_tile(*probe.read_valid(i))
                     except TileError as err:
                         self.bad_tiles.add(err, source)
+                        continue
+                    if problem is not None:
+                        constant.append((source, problem))
+        _warn_constant([source for source, _ in constant], "of all tiles", refused=True)
+        for source, problem in constant:
+            self.bad_tiles.add(TileError(source, problem), source, more=len(constant) - 1)
 
     def _normalization(self) -> Normalization:
         """The checkpoint's normalisation, or per-band statistics of (a seeded sample of) the
@@ -573,19 +687,45 @@ class TileDataModule(pl.LightningDataModule):
             self._packed_nodata_tiles()
             sums = self.layout.band_sums([index.sources[i] for i in rows], self.bands, self.log_scale).sum(axis=0)
             mean, std = moments(*sums)
+            self.value_range = self._sampled_range([index.sources[i] for i in rows[:SAMPLE_TILES]])
             return Normalization(mean, std, transform=transform)
         key = self._cache_key("stats")
         cached = self.cache.load("stats", key, lambda value: _valid_stats_cache(value, self.num_bands))
         if cached is None:
-            reader = TileDataset(self.layout, [index.sources[i] for i in rows], index.targets[rows], self.bands)
+            reader = TileDataset(self.layout, [index.sources[i] for i in rows], index.targets[rows], self.bands,
+                                 orders=self.band_orders)
+            constant = []
+
+            def read_valid(i: int) -> tuple[np.ndarray, np.ndarray | None]:
+                image, valid = reader.read_valid(i)
+                if constant_tile(image, valid) is not None:
+                    constant.append(reader.sources[i])
+                return image, valid
+
+            sample = PixelSample(self.num_bands, len(reader))  # the value range, in the same pass
             with pixel_reads():
                 mean, std = measure_band_statistics(
-                    reader.read_valid, len(reader), self.num_bands, self.log_scale,
-                    lambda err, i: self.bad_tiles.add(err, reader.sources[i]),
+                    read_valid, len(reader), self.num_bands, self.log_scale,
+                    lambda err, i: self.bad_tiles.add(err, reader.sources[i]), sample.add,
                 )
-            cached = {"mean": mean, "std": std}
+            cached = {"mean": mean, "std": std, "constant": constant}
+            cached["low"], cached["high"] = sample.percentiles() or (None, None)
             self.cache.store("stats", key, cached)
+        _warn_constant(cached.get("constant", []), "of the training tiles read for the band statistics",
+                       refused=False)
+        self.value_range = (cached.get("low"), cached.get("high"))
         return Normalization(cached["mean"], cached["std"], transform=transform)
+
+    def _sampled_range(self, sources: list[str]) -> tuple[list[float] | None, list[float] | None]:
+        """The value range of a few tiles' pixels (a pack's sums hold no percentiles)."""
+        sample = PixelSample(self.num_bands, len(sources))
+        reader = TileDataset(self.layout, sources, np.zeros(len(sources), np.int64), self.bands)
+        for i in range(len(reader)):
+            try:
+                sample.add(*reader.read_valid(i))
+            except TileError:  # a bad tile is counted where the pack's tiles are checked
+                continue
+        return sample.percentiles() or (None, None)
 
     def _packed_nodata_tiles(self) -> None:
         """Packed tiles with no valid pixel in the loaded bands are bad tiles (from the pack's counts)."""
@@ -602,11 +742,15 @@ class TileDataModule(pl.LightningDataModule):
         files = [f for i in rows for f in self.layout.stamp_files(self._index().sources[i])]
         payload = {
             "bands": self.bands,
+            # the names tiles are matched to by their descriptions (each tile's band order)
+            "band_names": self._match_names(),
             "log_scale": self.log_scale,
             "max_samples": self.stats_max_samples,
             "seed": self.seed,
             "files": file_fingerprint(files),
         }
+        if kind == "stats":  # entries written before they held the value range are not reused
+            payload["range"] = list(PERCENTILES)
         return JsonCache.key(kind, payload)
 
     # ---- loaders ------------------------------------------------------------------------
@@ -660,12 +804,18 @@ class TileDataModule(pl.LightningDataModule):
         # a pack's batch is one copy from the page cache in this process; a worker would add a
         # second one through shared memory (benchmarks/README.md, packed_vs_memcpy)
         workers = 0 if self.gathers_in_process else self.num_workers
+        sampler = None
+        if shuffle and self.sampler == "balanced":
+            world = self.trainer.world_size if self.trainer is not None else 1
+            sampler = BalancedSampler(balanced_weights(dataset.targets, self.task), self.seed, world, rank)
+            shuffle = False  # the sampler draws the order
         return DataLoader(
             dataset,
             batch_size=self.batch_size,
             shuffle=shuffle,
+            sampler=sampler,
             # A last training batch of one sample breaks batch norm; drop the remainder.
-            drop_last=shuffle and len(dataset) > self.batch_size,
+            drop_last=(shuffle or sampler is not None) and len(dataset) > self.batch_size,
             num_workers=workers,
             pin_memory=self.pin_memory,
             persistent_workers=self.persistent_workers and workers > 0,
@@ -718,6 +868,15 @@ def _valid_stats_cache(value: object, bands: int) -> str | None:
             return f"{key} holds a value that is not a finite number"
     if not all(v > 0 for v in value["std"]):
         return "std holds a value <= 0"
+    for key in ("low", "high"):  # the value range: None when a band had no valid pixel
+        numbers = value.get(key)
+        if numbers is not None and not (
+            isinstance(numbers, list) and len(numbers) == bands
+            and all(isinstance(v, (int, float)) and not isinstance(v, bool) and np.isfinite(v) for v in numbers)
+        ):
+            return f"{key} is not a list of {bands} finite numbers"
+    if not isinstance(value.get("constant", []), list) or not all(isinstance(v, str) for v in value.get("constant", [])):
+        return "'constant' is not a list of tiles"
     return None
 
 
@@ -730,7 +889,23 @@ def _valid_headers_cache(value: object) -> str | None:
         return "tile_size is not two positive integers"
     if not all(isinstance(v, list) and len(v) == 2 and all(isinstance(x, str) for x in v) for v in value["bad"].values()):
         return "a 'bad' entry is not [path, problem]"
+    orders = value.get("orders")
+    if not isinstance(orders, dict) or not all(
+        isinstance(v, list) and v and all(isinstance(x, int) and x > 0 for x in v) for v in orders.values()
+    ):
+        return "'orders' is not a table of band lists"
     return None
+
+
+def _warn_constant(sources: Sequence[str], read: str, refused: bool) -> None:
+    """One warning line for the tiles of one value per band that declare no nodata (every pixel
+    0, or constant): they carry no signal, yet would train as real samples."""
+    if not sources:
+        return
+    what = ("they are bad tiles (data.on_bad_tile)" if refused
+            else "they train as they are; data.validate=full refuses them")
+    log.warning("%d tile(s) %s hold one value in every band (all 0, or constant) and declare no nodata, the "
+                "first %s: %s; declare their nodata or remove them", len(sources), read, sources[0], what)
 
 
 def augmentation_seed(seed: int, rank: int, worker: int | None = None) -> int:

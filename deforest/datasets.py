@@ -76,9 +76,6 @@ class TileLayout(ABC):
 
     #: Names of the bands as stored, when the layout knows them (used to select by name).
     band_names: list[str] | None = None
-    #: why ``deforest-pack`` cannot store this layout's samples (``None``: it can): a pack
-    #: re-checks each sample against one file or one folder, which a multi-file sample is not
-    unpackable: str | None = None
 
     def __init__(self, root: str | Path) -> None:
         self.root = Path(root).expanduser()
@@ -119,6 +116,15 @@ class TileLayout(ABC):
     def band_count(self, header_count: int) -> int:
         """Bands of one sample, given the band count of its :meth:`header_source` file."""
         return header_count
+
+    def source_files(self, source: str) -> list[str]:
+        """Every file one sample is read from: the tile, or every file of a patch folder
+        (a layout that stacks files of several folders names them all). A pack keys its
+        rows on these files' names, sizes and mtimes."""
+        path = Path(source)
+        if path.is_dir():
+            return sorted(str(p) for p in path.iterdir() if p.is_file())
+        return [source]
 
     def stamp_files(self, source: str) -> list[str]:
         """The files whose name, size and mtime key the cached headers and statistics of

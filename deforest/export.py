@@ -32,6 +32,7 @@ from deforest.contract import InputSpec
 from deforest.datasets import MULTICLASS
 from deforest.module import TileClassifier
 from deforest.outputs import check_outputs, check_replaceable
+from deforest.validation import is_nodata
 
 log = logging.getLogger(__name__)
 
@@ -65,18 +66,17 @@ class RawInputClassifier(nn.Module):
         model.tta = tta
         self.model = model
         self.fill_nodata = fill_nodata
-        nodata = spec.nodata
         # NaN nodata is caught by the finiteness test; a number needs its own comparison
-        self.has_nodata = nodata is not None and not math.isnan(nodata)
-        self.nodata = float(nodata) if self.has_nodata else 0.0
+        self.nodata = spec.nodata if spec.nodata is not None and not math.isnan(spec.nodata) else None
         self.register_buffer("fill", torch.tensor(spec.fill, dtype=torch.float32).view(1, -1, 1, 1))
 
     def forward(self, raw: Tensor) -> Tensor:
         x = raw.to(torch.float32)
         if self.fill_nodata:
             valid = torch.isfinite(x)
-            if self.has_nodata:
-                valid = valid & (x != self.nodata)
+            if self.nodata is not None:
+                # the files' rule (validation.is_nodata): the value as float32, the pixels' dtype
+                valid = valid & ~is_nodata(x, self.nodata)
             x = torch.where(valid, x, self.fill)
         return self.model.predict_proba(x).to(torch.float32)
 

@@ -6,6 +6,7 @@ a bare GDAL message or a traceback from inside a DataLoader worker.
 
 from __future__ import annotations
 
+import math
 import os
 import re
 import warnings
@@ -64,6 +65,10 @@ class RasterHeader:
     descriptions: tuple[str | None, ...]
     pixel_size: float | None = None
     nodatavals: tuple[float | None, ...] = ()
+    #: ``[x, y]`` pixel sides in ``units`` (``m``: a projected CRS, ``deg``: a geographic one);
+    #: ``None`` without a georeference (what the input contract records and compares)
+    res: tuple[float, float] | None = None
+    units: str | None = None
 
 
 def has_sidecar(path: str | os.PathLike) -> bool:
@@ -121,6 +126,21 @@ def pixel_size_m(src: rasterio.DatasetReader) -> float | None:
     return float(max(abs(src.res[0]), abs(src.res[1])) * factor)
 
 
+def pixel_resolution(transform, crs) -> tuple[list[float] | None, str | None]:
+    """``([x, y], units)``: a grid's pixel sides in metres (``m``, a projected CRS, whatever its
+    linear unit) or degrees (``deg``, a geographic CRS); ``(None, None)`` without a georeference."""
+    if crs is None or transform.is_identity:
+        return None, None
+    x, y = math.hypot(transform.a, transform.d), math.hypot(transform.b, transform.e)
+    if crs.is_geographic:
+        return [x, y], "deg"
+    try:
+        factor = crs.linear_units_factor[1]
+    except Exception:  # a CRS without linear units
+        return None, None
+    return [x * factor, y * factor], "m"
+
+
 def read_header(path: str | os.PathLike) -> RasterHeader:
     """Open ``path`` and return its header, or raise :class:`TileError`.
 
@@ -130,9 +150,10 @@ def read_header(path: str | os.PathLike) -> RasterHeader:
     _check_file(path)
     try:
         with open_raster(path) as src:
+            res, units = pixel_resolution(src.transform, src.crs)
             header = RasterHeader(
                 src.count, src.height, src.width, src.dtypes[0], src.nodata, src.descriptions,
-                pixel_size_m(src), tuple(src.nodatavals),
+                pixel_size_m(src), tuple(src.nodatavals), None if res is None else tuple(res), units,
             )
             if src.driver == "GTiff":
                 _check_not_truncated(path, src)

@@ -33,7 +33,20 @@ SCHEMES = (
     "ema",
     "pos_weight",
     "focal",
+    "balanced",
+    "asymmetric",
+    "logit_adjusted",
+    "auto",
 )
+#: Schemes that weigh the positive and negative BCE terms apart: they have no multi-class meaning.
+MULTILABEL_ONLY = ("pos_weight", "balanced", "asymmetric", "logit_adjusted")
+#: What ``scheme="auto"`` means for a multi-class head; multi-label heads take ``multilabel_scheme``.
+AUTO_MULTICLASS = "inverse_count"
+#: Asymmetric loss (Ridnik et al., ICCV 2021): negatives' focusing exponent and probability margin.
+ASL_GAMMA_NEG, ASL_CLIP = 4.0, 0.05
+#: Running average of the weight a positive and a negative get (``logit_adjusted``): slow, because a
+#: label in 2% of tiles appears in a batch of 16 only about one step in four.
+PRIOR_MOMENTUM = 0.99
 NORMALIZATIONS = ("mean", "weighted")
 
 #: ``criterion(logits, targets, weights) -> scalar``: a user loss that receives the weights.
@@ -58,40 +71,93 @@ def batch_class_counts(
     raise ValueError(f"task must be {MULTICLASS!r} or {MULTILABEL!r}, not {task!r}")
 
 
+def _unit_mean(raw: Tensor, counts: Tensor, total: Tensor | float) -> Tensor:
+    """``raw`` rescaled so the weights of the ``total`` samples average 1.
+
+    The scale then does not depend on which classes the batch lacks: an absent class has no
+    samples to carry its (largest) weight, so it takes no share of the normaliser either.
+    """
+    mass = (counts * raw).sum()
+    return raw * total / mass.clamp(min=torch.finfo(raw.dtype).tiny)
+
+
 def class_weights(
     counts: Tensor, scheme: str, total: Tensor | float | None = None, beta: float = 0.999
 ) -> Tensor:
-    """Per-class weights from class counts.
+    """Per-class weights from class counts (multi-class; one weight per class).
 
     ``total`` is the number of samples the counts come from (``N``); it defaults to the
-    sum of ``counts``, which is right for multi-class but not for multi-label, where a
-    sample can carry several labels.
+    sum of ``counts``.
 
-    * ``inverse_count``: ``1 / (n_c + 1)``;
-    * ``inverse_frequency``: ``N / (C * n_c)``, absent classes counted as 1;
+    * ``inverse_count``: ``1 / (n_c + 1)`` (the reference formula, not rescaled);
+    * ``inverse_frequency``: ``N / (C_b * n_c)``, ``C_b`` the classes present; the samples'
+      weights average 1;
     * ``effective_number``: ``(1 - beta) / (1 - beta ** n_c)`` (Cui et al., CVPR 2019),
-      rescaled to sum to ``C``; absent classes counted as 1;
+      rescaled so the samples' weights average 1;
     * ``pos_weight``: ``(N - P_c + 1) / (P_c + 1)``, the positive-term weight of BCE;
-    * ``none`` and ``focal``: ones.
+    * ``none``, ``focal``, ``asymmetric``: ones.
     """
     counts = counts.float()
-    n_classes = counts.numel()
     if total is None:
         total = counts.sum()
-    if scheme in ("none", "focal"):
+    if scheme in ("none", "focal", "asymmetric"):
         return torch.ones_like(counts)
     if scheme == "inverse_count":
         return 1.0 / (counts + 1.0)
     if scheme == "inverse_frequency":
-        return total / (n_classes * counts.clamp(min=1.0))
+        return _unit_mean(1.0 / counts.clamp(min=1.0), counts, total)
     if scheme == "effective_number":
         if not 0.0 <= beta < 1.0:
             raise ValueError(f"effective_number needs 0 <= beta < 1, got {beta}")
-        weights = (1.0 - beta) / (1.0 - beta ** counts.clamp(min=1.0))
-        return weights * n_classes / weights.sum()
+        return _unit_mean((1.0 - beta) / (1.0 - beta ** counts.clamp(min=1.0)), counts, total)
     if scheme == "pos_weight":
         return (total - counts + 1.0) / (counts + 1.0)
     raise ValueError(f"unknown weighting scheme {scheme!r}; choose from {SCHEMES}")
+
+
+def label_weights(
+    positives: Tensor, total: Tensor | float, scheme: str, beta: float = 0.999
+) -> tuple[Tensor, Tensor]:
+    """Multi-label ``(w_pos [C], w_neg [C])``: the weights of each label's positive and
+    negative BCE terms, from its positives ``P_c`` among ``N = total`` samples.
+
+    * ``inverse_count``: ``1 / (P_c + 1)`` on both terms (the reference formula: its
+      constant-predictor optimum for a rare label is about half the true rate);
+    * ``pos_weight``: ``(N - P_c + 1) / (P_c + 1)`` on positives, 1 on negatives;
+    * ``balanced``, ``logit_adjusted``: ``N / (2 (P_c + 1))`` on positives,
+      ``N / (2 (N - P_c + 1))`` on negatives, so each label's positives and negatives carry
+      about equal mass;
+    * ``inverse_frequency``, ``effective_number``: the multi-class formula applied to the
+      positives' count for ``w_pos`` and to the negatives' count for ``w_neg``, rescaled so
+      the ``N * C`` elements' weights average 1 (an absent label's negatives do not get the
+      largest weight);
+    * ``none``, ``focal``, ``asymmetric``: ones.
+    """
+    positives = positives.float()
+    total = torch.as_tensor(total, dtype=positives.dtype, device=positives.device)
+    negatives = total - positives
+    if scheme in ("none", "focal", "asymmetric"):
+        ones = torch.ones_like(positives)
+        return ones, ones
+    if scheme == "inverse_count":
+        w = 1.0 / (positives + 1.0)
+        return w, w
+    if scheme == "pos_weight":
+        return (negatives + 1.0) / (positives + 1.0), torch.ones_like(positives)
+    if scheme in ("balanced", "logit_adjusted"):
+        return total / (2.0 * (positives + 1.0)), total / (2.0 * (negatives + 1.0))
+    if scheme == "inverse_frequency":
+        raw_pos, raw_neg = 1.0 / positives.clamp(min=1.0), 1.0 / negatives.clamp(min=1.0)
+    elif scheme == "effective_number":
+        if not 0.0 <= beta < 1.0:
+            raise ValueError(f"effective_number needs 0 <= beta < 1, got {beta}")
+        raw_pos = (1.0 - beta) / (1.0 - beta ** positives.clamp(min=1.0))
+        raw_neg = (1.0 - beta) / (1.0 - beta ** negatives.clamp(min=1.0))
+    else:
+        raise ValueError(f"unknown weighting scheme {scheme!r}; choose from {SCHEMES}")
+    mass = (positives * raw_pos + negatives * raw_neg).sum()
+    scale = total * positives.numel() / mass.clamp(min=torch.finfo(mass.dtype).tiny)
+    return raw_pos * scale, raw_neg * scale
 
 
 def _all_reduce_sum(tensor: Tensor) -> Tensor:
@@ -115,7 +181,13 @@ class DynamicWeightedLoss(nn.Module):
         task: ``"multiclass"`` (logits ``[N, C]``, int64 targets ``[N]``) or
             ``"multilabel"`` (logits ``[N, C]``, ``{0, 1}`` targets ``[N, C]``).
         num_classes: ``C``.
-        scheme: one of :data:`SCHEMES`. ``static`` uses counts given once through
+        scheme: one of :data:`SCHEMES` (:data:`MULTILABEL_ONLY` need the multi-label head).
+            ``balanced`` weighs each label's positives by ``N / (2 (P_c + 1))`` and negatives by
+            ``N / (2 (N - P_c + 1))``; ``logit_adjusted`` weighs as ``balanced`` and adds to the
+            logits, inside the loss only, the log ratio of the average weight a positive and a
+            negative of the label received so far, so the loss optimum of the raw logits stays at
+            the label's true rate; ``asymmetric`` is the asymmetric loss (focusing ``gamma``,
+            default 4, on negatives only, probability margin 0.05). ``static`` uses counts given once through
             :meth:`set_static_counts`; ``ema`` smooths batch counts with ``momentum``.
         normalize: ``"mean"`` divides ``sum(w * l)`` by the number of loss elements (with
             ``inverse_count`` this is exactly the classic ``(ce * w[y]).mean()``);
@@ -125,7 +197,11 @@ class DynamicWeightedLoss(nn.Module):
         momentum: ``ema`` weight of the running counts (0.9 keeps 90% of the past).
         ema_base: the count-based scheme that turns the running counts into weights.
         label_smoothing: as in :func:`torch.nn.functional.cross_entropy`; for multi-label
-            targets become ``y * (1 - eps) + eps / 2``.
+            targets become ``y * (1 - eps) + eps / 2`` inside each element's BCE, while the
+            element's weight is chosen by its hard target (``w_pos`` for ``y = 1``, ``w_neg``
+            for ``y = 0``), so a weighted negative never turns into a pseudo-positive.
+        multilabel_scheme: what ``scheme="auto"`` means for a multi-label head (a multi-class
+            head takes :data:`AUTO_MULTICLASS`).
         ignore_index: multi-class targets to leave out of counts and loss.
         criterion: optional ``criterion(logits, targets, weights)`` that replaces the
             built-in loss and receives the ``[C]`` weights.
@@ -137,6 +213,7 @@ class DynamicWeightedLoss(nn.Module):
         num_classes: int,
         scheme: str = "inverse_count",
         normalize: str = "mean",
+        multilabel_scheme: str = "inverse_count",
         gamma: float | None = None,
         beta: float = 0.999,
         momentum: float = 0.9,
@@ -150,10 +227,14 @@ class DynamicWeightedLoss(nn.Module):
             raise ValueError(f"task must be {MULTICLASS!r} or {MULTILABEL!r}, not {task!r}")
         if scheme not in SCHEMES:
             raise ValueError(f"unknown loss scheme {scheme!r}; choose from {SCHEMES}")
+        if multilabel_scheme not in SCHEMES or multilabel_scheme == "auto":
+            raise ValueError(f"unknown loss multilabel_scheme {multilabel_scheme!r}; choose from {SCHEMES[:-1]}")
+        if scheme == "auto":
+            scheme = multilabel_scheme if task == MULTILABEL else AUTO_MULTICLASS
         if normalize not in NORMALIZATIONS:
             raise ValueError(f"unknown loss normalize {normalize!r}; choose from {NORMALIZATIONS}")
-        if scheme == "pos_weight" and task != MULTILABEL:
-            raise ValueError("scheme 'pos_weight' weighs the positive term of BCE: multilabel only")
+        if scheme in MULTILABEL_ONLY and task != MULTILABEL:
+            raise ValueError(f"scheme {scheme!r} weighs the positive and negative terms of BCE apart: multilabel only")
         if ema_base not in ("inverse_count", "inverse_frequency", "effective_number", "pos_weight"):
             raise ValueError(f"ema_base {ema_base!r} is not a count-based scheme")
         if not 0.0 <= momentum < 1.0:
@@ -164,7 +245,8 @@ class DynamicWeightedLoss(nn.Module):
         self.num_classes = num_classes
         self.scheme = scheme
         self.normalize = normalize
-        self.gamma = float(2.0 if gamma is None and scheme == "focal" else gamma or 0.0)
+        default_gamma = {"focal": 2.0, "asymmetric": ASL_GAMMA_NEG}.get(scheme, 0.0)
+        self.gamma = float(default_gamma if gamma is None else gamma)
         if self.gamma < 0:
             raise ValueError(f"focal gamma must be >= 0, got {self.gamma}")
         self.beta = beta
@@ -179,6 +261,11 @@ class DynamicWeightedLoss(nn.Module):
         self.register_buffer("ema_counts", torch.zeros(num_classes))
         self.register_buffer("ema_total", torch.zeros(()))
         self.register_buffer("ema_steps", torch.zeros((), dtype=torch.long))
+        if scheme == "logit_adjusted":
+            # running averages of the weight mass on positives and negatives and of their counts,
+            # per label; only this scheme has them, so checkpoints of the others keep their keys
+            self.register_buffer("prior_mass", torch.zeros(4, num_classes))
+            self.register_buffer("prior_steps", torch.zeros((), dtype=torch.long))
         self.last_counts: Tensor | None = None
         self.last_weights: Tensor | None = None
 
@@ -188,7 +275,14 @@ class DynamicWeightedLoss(nn.Module):
         self.static_total.fill_(float(total))
 
     def weights(self, targets: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """``(weights [C], counts [C], N)`` for this (global) batch."""
+        """``(weights [C], counts [C], N)`` for this (global) batch; multi-label: the
+        positive-term weights (see :meth:`term_weights` for both)."""
+        w_pos, _, counts, total = self.term_weights(targets)
+        return w_pos, counts, total
+
+    def term_weights(self, targets: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """``(w_pos [C], w_neg [C], counts [C], N)`` for this (global) batch; multi-class: the
+        class weights twice."""
         counts = batch_class_counts(targets, self.task, self.num_classes, self.ignore_index)
         if self.task == MULTICLASS:
             total = (targets != self.ignore_index).sum().float()
@@ -197,12 +291,18 @@ class DynamicWeightedLoss(nn.Module):
         summed = _all_reduce_sum(torch.cat([counts, total.reshape(1)]))
         counts, total = summed[:-1], summed[-1]
         if self.scheme == "static":
-            return class_weights(self.static_counts, "inverse_frequency", self.static_total), counts, total
-        if self.scheme == "ema":
+            source, base = (self.static_counts, self.static_total), "inverse_frequency"
+        elif self.scheme == "ema":
             if self.training:
                 self._update_ema(counts, total)
-            return class_weights(self.ema_counts, self.ema_base, self.ema_total, self.beta), counts, total
-        return class_weights(counts, self.scheme, total, self.beta), counts, total
+            source, base = (self.ema_counts, self.ema_total), self.ema_base
+        else:
+            source, base = (counts, total), self.scheme
+        if self.task == MULTICLASS:
+            w = class_weights(source[0], base, source[1], self.beta)
+            return w, w, counts, total
+        w_pos, w_neg = label_weights(source[0], source[1], base, self.beta)
+        return w_pos, w_neg, counts, total
 
     @torch.no_grad()
     def _update_ema(self, counts: Tensor, total: Tensor) -> None:
@@ -213,22 +313,48 @@ class DynamicWeightedLoss(nn.Module):
         self.ema_total.mul_(keep).add_((1.0 - keep) * total)
         self.ema_steps.add_(1)
 
+    @torch.no_grad()
+    def _update_prior(self, w_pos: Tensor, w_neg: Tensor, counts: Tensor, total: Tensor) -> None:
+        # Global (all-reduced) counts and weights, so every rank keeps the same averages.
+        sample = torch.stack([w_pos * counts, w_neg * (total - counts), counts, total - counts])
+        first = (self.prior_steps == 0).float()
+        keep = PRIOR_MOMENTUM * (1.0 - first)
+        self.prior_mass.mul_(keep).add_((1.0 - keep) * sample)
+        self.prior_steps.add_(1)
+
+    def logit_offset(self) -> Tensor:
+        """``logit_adjusted``: ``log(mean w_pos / mean w_neg)`` per label over the running
+        averages, the shift of the constant-predictor optimum that the weights cause; 0 before
+        the first training step.
+
+        A weighted BCE with weights ``a`` (positives) and ``b`` (negatives) is lowest at
+        ``logit p = logit pi + log(E[a P] / E[b (N - P)]) - log(E[P] / E[N - P])``; adding this
+        offset to the logits inside the loss puts the raw logits' optimum back at ``logit pi``.
+        """
+        tiny = torch.finfo(self.prior_mass.dtype).tiny
+        pos_mass, neg_mass, pos, neg = self.prior_mass
+        mean_pos = (pos_mass + tiny) / (pos + tiny)
+        mean_neg = (neg_mass + tiny) / (neg + tiny)
+        return torch.log(mean_pos) - torch.log(mean_neg)
+
     def forward(self, logits: Tensor | Sequence[Tensor], targets: Tensor) -> Tensor:
         """The weighted loss; for several heads' logits, the mean of their losses under one
         set of batch weights (stateful schemes such as ``ema`` see each batch once)."""
-        weights, counts, total = self.weights(targets)
-        self.last_counts, self.last_weights = counts.detach(), weights.detach()
+        w_pos, w_neg, counts, total = self.term_weights(targets)
+        if self.scheme == "logit_adjusted" and self.training:
+            self._update_prior(w_pos, w_neg, counts, total)
+        self.last_counts, self.last_weights = counts.detach(), w_pos.detach()
         if isinstance(logits, Tensor):  # float32 under bf16/fp16 autocast: sums of many small terms
-            return self._weighted_loss(logits.float(), targets, weights)
-        return torch.stack([self._weighted_loss(head.float(), targets, weights) for head in logits]).mean()
+            return self._weighted_loss(logits.float(), targets, w_pos, w_neg)
+        return torch.stack([self._weighted_loss(head.float(), targets, w_pos, w_neg) for head in logits]).mean()
 
-    def _weighted_loss(self, logits: Tensor, targets: Tensor, weights: Tensor) -> Tensor:
+    def _weighted_loss(self, logits: Tensor, targets: Tensor, w_pos: Tensor, w_neg: Tensor) -> Tensor:
         if self.criterion is not None:
-            return self.criterion(logits, targets, weights)
+            return self.criterion(logits, targets, w_pos)
         if self.task == MULTICLASS:
-            weighted, element_weights, n_elements = self._multiclass(logits, targets, weights)
+            weighted, element_weights, n_elements = self._multiclass(logits, targets, w_pos)
         else:
-            weighted, element_weights, n_elements = self._multilabel(logits, targets, weights)
+            weighted, element_weights, n_elements = self._multilabel(logits, targets, w_pos, w_neg)
         if self.normalize == "mean":
             denominator = n_elements
         else:
@@ -249,29 +375,45 @@ class DynamicWeightedLoss(nn.Module):
         n_elements = _all_reduce_sum(valid.sum().float())
         return ce * element_weights, element_weights, n_elements
 
-    def _multilabel(self, logits: Tensor, targets: Tensor, weights: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    def _multilabel(
+        self, logits: Tensor, targets: Tensor, w_pos: Tensor, w_neg: Tensor
+    ) -> tuple[Tensor, Tensor, Tensor]:
         hard = targets.float()
         soft = hard * (1.0 - self.label_smoothing) + 0.5 * self.label_smoothing
+        if self.scheme == "logit_adjusted":
+            logits = logits + self.logit_offset()
         log_p, log_not_p = F.logsigmoid(logits), F.logsigmoid(-logits)
-        pos_term, neg_term = -soft * log_p, -(1.0 - soft) * log_not_p
-        if self.gamma > 0:
+        # Focusing, like the weight, follows the hard target and scales the element's whole
+        # smoothed BCE: focusing only the negative part of a negative would leave its smoothed
+        # positive part in charge and pull the negative towards p = 0.5.
+        focus_pos = focus_neg = None
+        if self.scheme == "asymmetric":
+            # Ridnik et al.: positives plain, negatives focused by p_m ** gamma with the margin-shifted
+            # p_m = max(p - m, 0), so easy negatives (p < m) drop out of the loss altogether.
+            p_m = (torch.sigmoid(logits) - ASL_CLIP).clamp(min=0.0)
+            log_not_p = torch.where(hard > 0, log_not_p, torch.log1p(-p_m))
+            focus_neg = p_m**self.gamma
+        elif self.gamma > 0:
             p = torch.sigmoid(logits)
-            pos_term = pos_term * (1.0 - p) ** self.gamma
-            neg_term = neg_term * p**self.gamma
-        if self.scheme == "pos_weight" or (self.scheme == "ema" and self.ema_base == "pos_weight"):
-            w_pos, w_neg = weights.expand_as(soft), torch.ones_like(soft)
-        else:
-            w_pos = w_neg = weights.expand_as(soft)
-        weighted = w_pos * pos_term + w_neg * neg_term
-        element_weights = soft * w_pos + (1.0 - soft) * w_neg
+            focus_pos, focus_neg = (1.0 - p) ** self.gamma, p**self.gamma
+        bce = -soft * log_p - (1.0 - soft) * log_not_p
+        if focus_neg is not None:
+            focus = hard * (1.0 if focus_pos is None else focus_pos) + (1.0 - hard) * focus_neg
+            bce = bce * focus
+        # The hard target picks the weight; smoothing stays inside the element's BCE. Weighing the
+        # smoothed target's two parts apart would make a negative with a large w_pos a pseudo-positive.
+        element_weights = hard * w_pos + (1.0 - hard) * w_neg
+        weighted = element_weights * bce
         n_elements = _all_reduce_sum(torch.full((), float(soft.numel()), device=soft.device))
         return weighted, element_weights, n_elements
 
 
 __all__ = [
+    "MULTILABEL_ONLY",
     "NORMALIZATIONS",
     "SCHEMES",
     "DynamicWeightedLoss",
     "batch_class_counts",
     "class_weights",
+    "label_weights",
 ]

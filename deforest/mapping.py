@@ -33,8 +33,9 @@ from rasterio.windows import Window
 
 from deforest.contract import InputSpec
 from deforest.datasets import MULTICLASS, TILE_SUFFIXES
+from deforest.input_check import Allow, check_input, describe_scene, describe_tiles
 from deforest.io import TileError, canonical_band, pixel_reads, read_header, read_raster
-from deforest.outputs import atomic_output
+from deforest.outputs import atomic_output, read_back_raster
 from deforest.scene import Scene
 
 log = logging.getLogger(__name__)
@@ -202,6 +203,7 @@ def predict_scene(
     cog: bool = False,
     tags: dict[str, str] | None = None,
     gdal_cache_mb: int = 64,
+    allow: Allow | None = None,
 ) -> dict[str, object]:
     """Classify ``scene`` window by window and write the map to ``out``; returns a summary.
 
@@ -214,9 +216,14 @@ def predict_scene(
 
     Each window is read once, so GDAL's block cache (5% of RAM by default) only grows
     with the scene: ``gdal_cache_mb`` caps it, which keeps memory bounded by the batch.
+
+    Before any window is classified, the scene's dtype, value scale and pixel size are compared
+    with the contract's (:mod:`deforest.input_check`): a mismatch is refused unless ``allow``
+    allows it (then a warning).
     """
     with rasterio.Env(GDAL_CACHEMAX=gdal_cache_mb * 1024**2):
         spec, band_order = match_bands(spec, scene.descriptions, scene.count, scene.name)
+        check_input(spec, describe_scene(scene, spec.bands, scene.nodata), allow or Allow(), "predict")
         tile = spec.tile_size[0]
         stride = stride or tile
         if scene.crs is None:
@@ -231,7 +238,7 @@ def predict_scene(
                 f"tile size): it cannot be classified without making up pixels; use a scene at least {tile}x{tile}",
             )
         # written beside out and renamed over it at the end: a failed run leaves an earlier map whole
-        with atomic_output(out, ".tif") as final:
+        with atomic_output(out, ".tif", verify=read_back_raster) as final:
             target = final.with_name(final.name[: -len(".tif")] + ".gtiff.tif") if cog else final
             if full_resolution:
                 writer = MapWriter(target, spec, scene, scene.width, scene.height, scene.transform, dtype, tags)
@@ -350,7 +357,8 @@ def tile_paths(tiles: str | os.PathLike) -> list[Path]:
 
 
 def predict_tiles(
-    classify: Classify, spec: InputSpec, tiles: str | os.PathLike, out: str | os.PathLike, batch_size: int = 256
+    classify: Classify, spec: InputSpec, tiles: str | os.PathLike, out: str | os.PathLike, batch_size: int = 256,
+    allow: Allow | None = None,
 ) -> dict[str, object]:
     """One CSV row per tile: path, predicted class(es) and one probability per class.
 
@@ -360,6 +368,8 @@ def predict_tiles(
     paths = tile_paths(tiles)
     first = read_header(paths[0])
     spec, band_order = match_bands(spec, first.descriptions, first.count, str(paths[0]))
+    # the first tiles' dtype, value scale and pixel size against the contract's, before any inference
+    check_input(spec, describe_tiles(paths, spec.bands, str(tiles)), allow or Allow(), "predict")
     thresholds = spec.decision_thresholds()
     out = Path(out)
     with atomic_output(out, ".csv") as target, target.open("w", newline="", encoding="utf-8") as handle:

@@ -27,6 +27,7 @@ from torchmetrics.classification import (
     MultilabelRecall,
 )
 
+from deforest.calibration import calibration_errors
 from deforest.datasets import MULTICLASS
 
 class SampleMeanFBeta(BinaryFBetaScore):
@@ -112,6 +113,7 @@ def compute_metrics(task: str, num_classes: int, probs: Tensor, target: Tensor, 
     values: dict[str, Tensor] = {}
     for kind, inputs in metric_inputs(task, probs, target, thresholds).items():
         values.update(collections[kind](*inputs))
+    values.update(calibration_errors(task, probs, target))
     return values
 
 

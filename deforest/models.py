@@ -131,6 +131,78 @@ def build_backbone(
     return nn.Sequential(nn.AvgPool2d(input_pool), net) if input_pool > 1 else net
 
 
+#: ``model.fusion``: how the two dates of a pair meet. ``early``: their bands stacked as one
+#: image for one network; ``siamese``: one backbone run on each date (:class:`SiameseNetwork`)
+FUSIONS = ("early", "siamese")
+
+
+class SiameseNetwork(nn.Module):
+    """One backbone shared by the dates of a sample; its pooled features of each date and their
+    absolute difference, ``[f0, f1, |f0 - f1|]``, go into one linear classifier.
+
+    ``date_bands``: per date, the positions of its bands in the input, in the same band order
+    for every date (:func:`deforest.change.date_band_positions`). ``encoder``: a
+    :func:`build_backbone` network whose classifier was removed (:func:`strip_classifier`),
+    returning ``features`` values per image.
+
+    Why these features: the difference carries the change and is the same whichever date
+    shows what (as in the FC-Siam-diff change-detection networks), but alone it cannot tell
+    loss from regrowth, which differ only in direction; the features of each date say what
+    the land was before and after, so the classifier sees both the change and its direction
+    (FC-Siam-conc concatenates the dates' features for that reason).
+    """
+
+    def __init__(self, encoder: nn.Module, features: int, num_classes: int, date_bands: list[list[int]]) -> None:
+        super().__init__()
+        if len(date_bands) != 2 or len({len(b) for b in date_bands}) != 1 or not date_bands[0]:
+            raise ValueError(f"a siamese network takes two dates of as many bands each, not {date_bands}")
+        self.encoder = encoder
+        self.features = features
+        self.classifier = nn.Linear(3 * features, num_classes)  # f0, f1 and |f0 - f1|
+        # a buffer, so the dates are taken apart on the device without a host copy per step;
+        # not saved: it follows from the contract's band names, which the checkpoint keeps
+        self.register_buffer("date_bands", torch.as_tensor(date_bands, dtype=torch.long), persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # both dates in one batch through the encoder: one pass, and its batch norm normalises
+        # both dates with the same statistics, so a change between the dates is not normalised away
+        # (stack and reshape, not cat and chunk: chunk's size guard fixes the batch size of an exported graph)
+        dates = torch.stack([x.index_select(1, self.date_bands[0]), x.index_select(1, self.date_bands[1])]).flatten(0, 1)
+        before, after = self.encoder(dates).reshape(2, x.shape[0], -1).unbind(0)
+        return self.classifier(torch.cat([before, after, (before - after).abs()], dim=1))
+
+
+def strip_classifier(net: nn.Module) -> int:
+    """Replace the last linear layer of a :func:`build_backbone` network's classifier head by
+    an identity, in place, so the network returns its pooled features; returns their count."""
+    inner = net[1] if isinstance(net, nn.Sequential) and isinstance(net[0], nn.AvgPool2d) else net
+    attribute = next(name for name in ("fc", "classifier", "head") if hasattr(inner, name))
+    head = getattr(inner, attribute)
+    if isinstance(head, nn.Linear):
+        setattr(inner, attribute, nn.Identity())
+        return head.in_features
+    name, linear = [(n, m) for n, m in head.named_modules() if isinstance(m, nn.Linear)][-1]
+    parent, _, child = name.rpartition(".")
+    setattr(head.get_submodule(parent) if parent else head, child, nn.Identity())
+    return linear.in_features
+
+
+def build_siamese(
+    name: str,
+    date_bands: list[list[int]],
+    num_classes: int,
+    small_tile_stem: bool = False,
+    width: int = 32,
+    dropout: float = 0.2,
+    input_pool: int = 1,
+    image_size: tuple[int, int] | None = None,
+) -> SiameseNetwork:
+    """A :class:`SiameseNetwork` whose shared backbone is :func:`build_backbone` ``(name, ...)``
+    for one date's bands."""
+    encoder = build_backbone(name, len(date_bands[0]), num_classes, small_tile_stem, width, dropout, input_pool, image_size)
+    return SiameseNetwork(encoder, strip_classifier(encoder), num_classes, date_bands)
+
+
 def smallest_tile(
     name: str, in_channels: int, size: tuple[int, int], input_pool: int = 1, **options: object
 ) -> int | None:
@@ -193,6 +265,8 @@ def backbone_modules(net: nn.Module) -> nn.ModuleList:
     ``model.backbone_lr_multiplier`` applies to; a fresh list each call, so the parts
     are not registered twice in the module's state dict.
     """
+    if isinstance(net, SiameseNetwork):  # the shared encoder; its classifier is the head
+        net = net.encoder
     inner = net[1] if isinstance(net, nn.Sequential) and isinstance(net[0], nn.AvgPool2d) else net
     head = next(getattr(inner, name) for name in ("fc", "classifier", "head") if hasattr(inner, name))
     return nn.ModuleList(child for child in inner.children() if child is not head)

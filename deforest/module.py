@@ -12,6 +12,7 @@ import inspect
 import logging
 import os
 from collections.abc import Callable, Mapping
+from dataclasses import replace
 from typing import IO, Any
 
 import lightning.pytorch as pl
@@ -20,12 +21,14 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from deforest.change import date_band_positions
+from deforest.calibration import apply_calibration, calibration_errors, fit_calibration, probabilities
 from deforest.checkpoints import check_numbers, model_kwargs, read_checkpoint
 from deforest.contract import InputSpec
 from deforest.datasets import MULTICLASS, MULTILABEL
 from deforest.losses import Criterion, DynamicWeightedLoss
 from deforest.metrics import compute_metrics
-from deforest.models import BandStatistics, backbone_modules, build_backbone
+from deforest.models import FUSIONS, BandStatistics, backbone_modules, build_backbone, build_siamese
 from deforest.safety import CheckpointError
 from deforest.thresholds import ThresholdTuner
 from deforest.transforms import BandNormalizer, d4_views
@@ -69,6 +72,14 @@ class TileClassifier(pl.LightningModule):
         criterion: optional custom loss receiving the batch weights.
         channels_last: run the network in NHWC memory layout (faster convolutions on GPUs).
         compile: ``torch.compile`` the network: ``True`` or a dict of its keyword arguments.
+        calibrate: fit the probability correction (:mod:`deforest.calibration`) on every
+            validation epoch, before the thresholds are tuned, so each checkpoint carries the
+            correction of its own weights; ``False`` keeps the one it has (identity when new).
+        fusion: how the dates of a two-date sample meet (:data:`deforest.models.FUSIONS`):
+            ``early`` feeds their stacked bands to one network; ``siamese`` runs one shared
+            backbone on each date's bands (taken apart by the contract's dated band names,
+            ``B04@t0``/``B04@t1``) and classifies their features and difference
+            (:class:`deforest.models.SiameseNetwork`). The band-statistics head sees every band.
     """
 
     def __init__(
@@ -93,11 +104,15 @@ class TileClassifier(pl.LightningModule):
         tune_thresholds: str | None = None,
         channels_last: bool = False,
         compile: bool | Mapping[str, Any] = False,
+        fusion: str = "early",
+        calibrate: bool = True,
     ) -> None:
         super().__init__()
         spec = input_spec if isinstance(input_spec, InputSpec) else InputSpec.from_dict(input_spec)
         if spec.task not in (MULTICLASS, MULTILABEL):
             raise ValueError(f"model.task must be {MULTICLASS} or {MULTILABEL}, not {spec.task!r}")
+        if fusion not in FUSIONS:
+            raise ValueError(f"model.fusion must be one of {list(FUSIONS)}, not {fusion!r}")
         if nonfinite_loss not in ("error", "skip"):
             raise ValueError(f"model.nonfinite_loss must be error or skip, not {nonfinite_loss!r}")
         tuner = ThresholdTuner(tune_thresholds) if tune_thresholds is not None else None
@@ -123,9 +138,15 @@ class TileClassifier(pl.LightningModule):
         self.input_resize = input_resize
         pool = spec.input_pool
         image_size = (input_resize // pool,) * 2 if input_resize else tuple(t // pool for t in spec.tile_size)
-        self.net = build_backbone(
-            backbone, len(network_bands or spec.bands), num_classes, small_tile_stem, width, dropout, pool, image_size
-        )
+        if fusion == "siamese":
+            names = spec.band_names
+            network_names = names if names is None or network_bands is None else [names[i] for i in network_bands]
+            dates = date_band_positions(network_names)
+            self.net = build_siamese(backbone, dates, num_classes, small_tile_stem, width, dropout, pool, image_size)
+        else:
+            self.net = build_backbone(
+                backbone, len(network_bands or spec.bands), num_classes, small_tile_stem, width, dropout, pool, image_size
+            )
         self.band_statistics = BandStatistics(band_count, num_classes) if band_statistics else None
         if backbone_lr_multiplier <= 0:
             raise ValueError(f"model.backbone_lr_multiplier must be > 0, not {backbone_lr_multiplier}")
@@ -142,6 +163,11 @@ class TileClassifier(pl.LightningModule):
         self.channels_last = channels_last
         self.compile_options = ({} if compile is True else dict(compile)) if compile else None
         self.register_buffer("thresholds", torch.as_tensor(spec.decision_thresholds(), dtype=torch.float32))
+        self.calibrate = calibrate
+        temperature = 1.0 if spec.calibration_temperature is None else spec.calibration_temperature
+        bias = [0.0] * num_classes if spec.calibration_bias is None else spec.calibration_bias
+        self.register_buffer("calibration_temperature", torch.tensor(float(temperature)))
+        self.register_buffer("calibration_bias", torch.as_tensor(bias, dtype=torch.float32))
         self._outputs: dict[str, list[dict[str, Tensor]]] = {"val": [], "test": []}
         #: per training step since the last check: step, batch, loss finite?, loss, tile indexes
         self._pending: list[tuple[int, int, Tensor, Tensor, Tensor]] = []
@@ -159,13 +185,25 @@ class TileClassifier(pl.LightningModule):
 
     @property
     def input_spec(self) -> InputSpec:
-        """The contract, with the thresholds these weights decide at."""
-        return self.spec.with_thresholds(self.thresholds.detach().cpu().tolist())
+        """The contract, with the thresholds these weights decide at and their probability correction."""
+        return replace(
+            self.spec.with_thresholds(self.thresholds.detach().cpu().tolist()),
+            calibration_temperature=float(self.calibration_temperature),
+            calibration_bias=self.calibration_bias.detach().cpu().tolist(),
+        )
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """The contract as plain data at the checkpoint's top level, thresholds included, so
         readers need neither the model class nor its state dict."""
         checkpoint["input_spec"] = self.input_spec.to_dict()
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """A checkpoint written before the probability correction existed has no correction in
+        its state: it loads with the identity (its probabilities as they were)."""
+        state = checkpoint.get("state_dict")
+        if isinstance(state, dict):
+            state.setdefault("calibration_temperature", torch.ones(()))
+            state.setdefault("calibration_bias", torch.zeros(len(self.class_names)))
 
     # ---- loading ------------------------------------------------------------------------
     @classmethod
@@ -211,6 +249,8 @@ class TileClassifier(pl.LightningModule):
                 checkpoint_path, f"cannot rebuild the model from it ({type(err).__name__}: {str(err).splitlines()[0][:300]})"
             ) from None
         check_numbers(checkpoint_path, "thresholds", model.thresholds.tolist(), low=0.0, high=1.0)
+        check_numbers(checkpoint_path, "calibration temperature", [float(model.calibration_temperature)], low=1e-6)
+        check_numbers(checkpoint_path, "calibration bias", model.calibration_bias.tolist())
         tensors = (t for t in checkpoint["state_dict"].values() if isinstance(t, Tensor))
         return model.to(next(tensors, torch.tensor(0)).device)
 
@@ -232,8 +272,14 @@ class TileClassifier(pl.LightningModule):
         return heads
 
     def predict_proba(self, x: Tensor) -> Tensor:
-        """Class probabilities (softmax) or label probabilities (sigmoid) in float32, with TTA if set."""
-        return self._probabilities(x)[0]
+        """Class probabilities (softmax) or label probabilities (sigmoid) in float32, with TTA if
+        set, after the checkpoint's probability correction (:mod:`deforest.calibration`)."""
+        _, scores = self._probabilities(x)
+        return probabilities(self.task, self.calibrated(scores))
+
+    def calibrated(self, scores: Tensor) -> Tensor:
+        """Logits after the probability correction: ``scores / T + b``."""
+        return apply_calibration(scores, self.calibration_temperature, self.calibration_bias)
 
     def _probabilities(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """float32 probabilities and the scores the evaluation loss reads as logits.
@@ -387,9 +433,19 @@ class TileClassifier(pl.LightningModule):
                 continue
             files = self._batch_files(index)
             if self.nonfinite_loss == "error":
-                raise FloatingPointError(
+                world = self.trainer.world_size
+                if world > 1:
+                    # the decision was all-reduced in the step: every rank raises here together, so
+                    # the line can name every rank's files, and the command line prints rank 0's only
+                    gathered: list[Any] = [None] * world
+                    torch.distributed.all_gather_object(gathered, files)
+                    files = [f for rank_files in gathered for f in rank_files]
+                error = FloatingPointError(
                     f"non-finite training loss ({loss.item()}) at global step {step}, batch {batch_idx}; files: {files}"
                 )
+                if world > 1:
+                    error.ddp_rank = self.trainer.global_rank
+                raise error
             log.warning("skipped non-finite training loss at global step %d, batch %d; files: %s", step, batch_idx, files)
 
     def _head_buffers(self) -> list[Tensor]:
@@ -420,7 +476,8 @@ class TileClassifier(pl.LightningModule):
         else:
             loss = torch.nn.functional.binary_cross_entropy_with_logits(scores, target.float())
         self.log(f"{stage}/loss", loss, on_epoch=True, prog_bar=stage == "val", batch_size=target.shape[0], sync_dist=True)
-        self._outputs[stage].append({"probs": probs.detach(), "target": target, "index": batch["index"]})
+        self._outputs[stage].append({"probs": probs.detach(), "scores": scores.detach().float(), "target": target,
+                                     "index": batch["index"]})
 
     def _log_metrics(self, stage: str) -> None:
         """Metrics over the whole epoch's predictions, after tuning thresholds on validation.
@@ -440,6 +497,13 @@ class TileClassifier(pl.LightningModule):
         gathered = self._gather(local)
         if gathered["index"].numel() == 0:  # every tile of every rank was skipped: nothing to score
             return
+        if stage == "val" and self.calibrate and not self.trainer.sanity_checking:
+            # before the thresholds: they are tuned on the corrected probabilities
+            temperature, bias = fit_calibration(self.task, gathered["scores"], gathered["target"])
+            self.calibration_temperature.copy_(temperature)
+            self.calibration_bias.copy_(bias)
+        raw_probs = gathered["probs"]
+        gathered = {**gathered, "probs": probabilities(self.task, self.calibrated(gathered["scores"]))}
         thresholds: Tensor = self.thresholds
         if stage == "val" and self.threshold_tuner is not None and not self.trainer.sanity_checking:
             kept, scoring = self.threshold_tuner.fit(gathered["probs"].cpu(), gathered["target"].cpu())
@@ -450,6 +514,9 @@ class TileClassifier(pl.LightningModule):
         predictions = self.predictions[stage] = {key: value.cpu() for key, value in gathered.items()}
         values = compute_metrics(self.task, len(self.class_names), predictions["probs"], predictions["target"],
                                  thresholds.cpu())
+        # the calibration error the correction removed: the same tiles' uncorrected probabilities
+        uncorrected = calibration_errors(self.task, raw_probs.cpu(), predictions["target"])
+        values.update({f"{name}_uncorrected": value for name, value in uncorrected.items()})
         for name, value in values.items():
             if value.ndim == 0:
                 self.log(f"{stage}/{name}", value, prog_bar=name in ("accuracy", "f1_macro"))
@@ -463,7 +530,8 @@ class TileClassifier(pl.LightningModule):
         c = len(self.class_names)
         target = (torch.zeros(0, dtype=torch.long) if self.task == MULTICLASS
                   else torch.zeros(0, c, dtype=torch.uint8))
-        empty = {"probs": torch.zeros(0, c), "target": target, "index": torch.zeros(0, dtype=torch.long)}
+        empty = {"probs": torch.zeros(0, c), "scores": torch.zeros(0, c), "target": target,
+                 "index": torch.zeros(0, dtype=torch.long)}
         return {key: value.to(self.device) for key, value in empty.items()}
 
     def _gather(self, local: dict[str, Tensor]) -> dict[str, Tensor]:

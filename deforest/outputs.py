@@ -15,13 +15,14 @@ Kept free of torch imports (``deforest-tile`` starts without torch).
 
 from __future__ import annotations
 
+import errno
 import os
 import tempfile
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 
-from deforest.safety import temp_prefix
+from deforest.safety import NO_SPACE_ERRNOS, temp_prefix
 
 #: config key -> a path, a list of paths (the tiles of a folder) or None
 Inputs = Mapping[str, object]
@@ -101,9 +102,13 @@ def check_replaceable(
 
 
 @contextmanager
-def atomic_output(out: str | os.PathLike, suffix: str = "") -> Iterator[Path]:
+def atomic_output(
+    out: str | os.PathLike, suffix: str = "", verify: Callable[[Path], None] | None = None
+) -> Iterator[Path]:
     """A temporary path beside ``out`` to write to; renamed over ``out`` when the block ends
-    without an error, removed otherwise. Unwritable folders end in one :class:`OutputError`."""
+    without an error, removed otherwise. Unwritable folders, a full disk and a read-only mount
+    end in one :class:`OutputError`. ``verify(tmp)`` runs before the rename, for writers that
+    do not raise when a write fails (see :func:`read_back_raster`)."""
     out = Path(out)
     for folder in out.parents:  # the nearest existing ancestor must be a folder to write under
         if folder.exists():
@@ -127,8 +132,67 @@ def atomic_output(out: str | os.PathLike, suffix: str = "") -> Iterator[Path]:
         mode = 0o666 & ~umask
     os.chmod(tmp, mode)
     try:
-        yield tmp
-        os.replace(tmp, out)
+        try:
+            yield tmp
+            # on disk before the rename: a crash or a full disk found at write-back never leaves
+            # a short file under the final name
+            fd = os.open(tmp, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            if verify is not None:
+                verify(tmp)
+            os.replace(tmp, out)
+        except Exception as err:
+            refused = write_refused(err, out.parent)
+            if refused is None:
+                raise
+            raise OutputError(f"{out}: cannot be written ({refused})") from None
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+def read_back_raster(path: Path) -> None:
+    """Read every pixel of a raster just written: GDAL only logs a write that the disk refused
+    (``TIFFWriteDirectoryTagData: IO error``) and closes the file as if whole, so a map on a full
+    disk is caught here, as the reader that cannot open or decode it."""
+    import rasterio
+
+    with rasterio.open(path) as src:
+        for _, window in src.block_windows(1):
+            src.read(window=window)
+
+
+def write_text_output(out: str | os.PathLike, text: str) -> None:
+    """``text`` into ``out`` through :func:`atomic_output`: whole or not at all."""
+    with atomic_output(out, Path(out).suffix) as tmp:
+        tmp.write_text(text, encoding="utf-8")
+
+
+#: errnos of a write the file system refused: no room, or a read-only mount
+_REFUSED_WRITE_ERRNOS = NO_SPACE_ERRNOS | {errno.EROFS}
+
+
+def write_refused(err: BaseException, folder: str | os.PathLike) -> str | None:
+    """Why the file system refused ``err``'s write into ``folder`` ("No space left on device",
+    "Read-only file system"), or ``None`` when ``err`` is another failure.
+
+    An ``OSError`` says so by its errno. Libraries that write through their own I/O (GDAL,
+    PIL's encoders) may raise without one; a failed write into a folder whose file system is
+    read-only or has (almost) no room left is then taken as refused for that reason.
+    """
+    if isinstance(err, OSError) and err.errno in _REFUSED_WRITE_ERRNOS:
+        return os.strerror(err.errno)
+    if not isinstance(err, OSError) and not type(err).__module__.startswith("rasterio"):
+        return None  # not an I/O failure (a bad tile met while writing a map is that tile's error)
+    try:
+        fs = os.statvfs(folder)
+    except OSError:
+        return None
+    if fs.f_flag & os.ST_RDONLY:
+        return os.strerror(errno.EROFS)
+    if fs.f_bavail * fs.f_frsize < 1 << 20:  # less than 1 MiB: what a write that needed room found
+        return os.strerror(errno.ENOSPC)
+    return None

@@ -46,7 +46,9 @@ from deforest.validation import is_nodata
 
 log = logging.getLogger(__name__)
 
-PACK_VERSION = 2
+#: 3: tiles are stored in the dataset's band order by name (a version-2 pack of tiles whose
+#: descriptions declare another order holds them positionally), and pairs record their files
+PACK_VERSION = 3
 TILES, INDEX, TARGETS, STATS, LOCK = "tiles.npy", "index.json", "targets.npy", "stats.npy", ".pack.lock"
 #: where an unfinished pack keeps its plan and one marker per finished shard
 PROGRESS = ".progress"
@@ -62,11 +64,22 @@ AUTO_CHECK_FILES = 50_000
 
 
 def source_files(source: str) -> list[str]:
-    """The files one sample is read from: the tile, or every file of a patch folder."""
+    """The files one sample is read from: the tile, or every file of a patch folder
+    (:meth:`TileLayout.source_files`); a pack of a layout that reads a sample from other
+    files (a pair's two dates) records them (``source_files`` of its index)."""
     path = Path(source)
     if path.is_dir():
         return sorted(str(p) for p in path.iterdir() if p.is_file())
     return [source]
+
+
+def layout_source_files(layout: TileLayout, sources: Sequence[str]) -> list[list[str]] | None:
+    """Per source, the absolute paths of the files it is read from, when ``layout`` reads a
+    sample from other files than :func:`source_files` finds from the source alone (``None``
+    otherwise: the index stays small for a folder of BigEarthNet patches)."""
+    if type(layout).source_files is TileLayout.source_files:
+        return None
+    return [[os.path.abspath(f) for f in layout.source_files(s)] for s in sources]
 
 
 def layout_settings(layout: TileLayout) -> dict:
@@ -75,11 +88,15 @@ def layout_settings(layout: TileLayout) -> dict:
     return {"class": f"{type(layout).__module__}.{type(layout).__qualname__}", **settings}
 
 
-def source_stamps(sources: Sequence[str]) -> list[list[int]]:
-    """Per source: file count, total size and newest mtime (ns) of its files."""
+def source_stamps(sources: Sequence[str], files_of: Sequence[Sequence[str]] | None = None) -> list[list[int]]:
+    """Per source: file count, total size and newest mtime (ns) of its files (``files_of``,
+    one list per source, or :func:`source_files`)."""
     stamps = []
-    for source in sources:
-        files = file_fingerprint(source_files(source))
+    for k, source in enumerate(sources):
+        files = file_fingerprint(files_of[k] if files_of is not None else source_files(source))
+        gone = next((f[0] for f in files if f[1] is None), None)
+        if gone is not None:  # one date of a pair, say: the sample cannot be read as packed
+            raise FileNotFoundError(gone)
         stamps.append([len(files), sum(f[1] for f in files), max(f[2] for f in files)])
     return stamps
 
@@ -87,7 +104,7 @@ def source_stamps(sources: Sequence[str]) -> list[list[int]]:
 def fingerprint(layout: TileLayout, index: TileIndex) -> str:
     """Hash of the layout settings, the labels and splits, and every source file's name, size
     and mtime: a change to any of them changes what training would see."""
-    files = [os.path.abspath(f) for source in index.sources for f in source_files(source)]
+    files = [os.path.abspath(f) for source in index.sources for f in layout.source_files(source)]
     payload = {
         "version": PACK_VERSION,
         "layout": layout_settings(layout),
@@ -131,8 +148,6 @@ def pack_dataset(
     run of the same plan that was killed is resumed. ``progress(done, total)`` counts tiles.
     """
     out = Path(out).expanduser()
-    if layout.unpackable:
-        raise DatasetError(f"{layout.root}: {type(layout).__name__} samples cannot be packed: {layout.unpackable}")
     index = layout.build_index()
     if len(index) == 0:
         raise DatasetError(f"{layout.root}: no tiles found")
@@ -182,11 +197,17 @@ def _pack_locked(
     dtype = header.dtype if header.dtype in NATIVE_DTYPES else "float32"
     shape = (len(index), *sample.shape)
     shards = [(start, min(start + shard_tiles, len(index))) for start in range(0, len(index), shard_tiles)]
+    files_of = layout_source_files(layout, index.sources)
     plan = {"fingerprint": key, "dtype": dtype, "shape": list(shape), "shards": shards, "nodata": header.nodata}
     work = out / PROGRESS
     done = _resume_or_start(out, work, plan)
     todo = [s for s in shards if not (work / _marker(s)).is_file()]
-    job = _ShardJob(layout, str(out), index.sources, dtype, shape, header.nodata, header)
+    from deforest.validation import dataset_band_names
+
+    # tiles that name their bands are stored in the dataset's order, as the datamodule reads them
+    whole = layout.band_count(header.count) == header.count  # not BigEarthNet's one file per band
+    names = dataset_band_names(header, layout.band_names, header.count) if whole else None
+    job = _ShardJob(layout, str(out), index.sources, dtype, shape, header.nodata, header, names)
     try:
         _run_shards(job, todo, num_workers, len(index), len(index) - sum(b - a for a, b in todo), progress)
     except TileError:
@@ -210,7 +231,8 @@ def _pack_locked(
         "task": index.task,
         "class_names": index.class_names,
         "sources": [os.path.abspath(s) for s in index.sources],
-        "stamps": source_stamps(index.sources),
+        "source_files": files_of,
+        "stamps": source_stamps(index.sources, files_of),
         "splits": index.splits,
         "meta": index.meta,
     }
@@ -262,6 +284,8 @@ class _ShardJob:
     nodata: float | None
     #: the dataset's header: each tile is checked against it as the datamodule does
     reference: RasterHeader
+    #: the dataset's band names, in its order (``None``: tiles are stored by band position)
+    band_names: list[str] | None = None
 
     def __call__(self, shard: tuple[int, int]) -> tuple[int, tuple[str, str] | None]:
         """Write rows ``shard[0]:shard[1]``; returns the row count and a bad tile's (path, problem)."""
@@ -272,11 +296,12 @@ class _ShardJob:
         for row in range(start, stop):
             source = self.sources[row]
             try:
-                from deforest.validation import check_header, valid_pixels  # validation reads packs too
+                from deforest.validation import band_order, check_header, valid_pixels  # validation reads packs too
 
                 header_file = self.layout.header_source(source)
-                check_header(header_file, read_header(header_file), self.reference)
-                image, nodata = self.layout.read_with_nodata(source, None)
+                header = read_header(header_file)
+                check_header(header_file, header, self.reference)
+                image, nodata = self.layout.read_with_nodata(source, band_order(header_file, header, self.band_names))
                 _same_nodata(source, nodata, self.nodata)
                 _check_tile(source, image, self.shape[1:], valid_pixels(image, nodata))
             except TileError as err:  # TileError does not pickle: send its parts
@@ -464,15 +489,15 @@ class PackedLayout(TileLayout):
         return {**self.__dict__, "_tiles": None}
 
     def _check_stamps(self) -> None:
-        sources = self.record["sources"]
+        sources, files_of = self.record["sources"], self.record.get("source_files")
         files = sum(stamp[0] for stamp in self.record["stamps"])
         if not self.root.is_dir() or files > AUTO_CHECK_FILES:
             log.info("%s: sources not checked (%s); deforest-pack ... check=true checks them", self.path,
                      "not present" if not self.root.is_dir() else f"{files} files")
             return
-        for source, stamp in zip(sources, self.record["stamps"]):
+        for k, (source, stamp) in enumerate(zip(sources, self.record["stamps"])):
             try:
-                now = source_stamps([source])[0]
+                now = source_stamps([source], None if files_of is None else [files_of[k]])[0]
             except (FileNotFoundError, ValueError):
                 now = None
             if now != stamp:

@@ -12,6 +12,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 import numpy as np  # noqa: E402
 
+from deforest.outputs import atomic_output  # noqa: E402
+
 
 def class_distribution_figure(counts: Mapping[str, Mapping[str, int]]) -> plt.Figure:
     """Grouped bars: tiles per class for each split; the legend sits outside the axes, so it
@@ -46,8 +48,12 @@ def _grid(n: int, max_cols: int) -> tuple[int, int]:
 def _save(fig: plt.Figure, path: str | Path) -> Path:
     if fig.get_layout_engine() is None:
         fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
+    try:
+        # whole or not at all: a full disk leaves no truncated PNG under the final name
+        with atomic_output(path, Path(path).suffix) as tmp:
+            fig.savefig(tmp, format=Path(path).suffix.lstrip(".") or None)
+    finally:
+        plt.close(fig)
     return Path(path)
 
 
@@ -108,6 +114,34 @@ def plot_pr_curves(
         ax.tick_params(labelsize=6)
         ax.set_xlabel("recall", fontsize=7)
         ax.set_ylabel("precision", fontsize=7)
+    return _save(fig, path)
+
+
+def plot_reliability(confidence: np.ndarray, correct: np.ndarray, path: str | Path, title: str, bins: int = 15) -> Path:
+    """A reliability diagram: per equal-width confidence bin, the observed rate of being right
+    (bars) against the diagonal of perfect calibration, with the bins' tile counts below."""
+    confidence, correct = np.asarray(confidence, np.float64).ravel(), np.asarray(correct, np.float64).ravel()
+    edges = np.linspace(0.0, 1.0, bins + 1)
+    which = np.clip(np.digitize(confidence, edges[1:-1]), 0, bins - 1)
+    counts = np.bincount(which, minlength=bins)
+    observed = np.bincount(which, weights=correct, minlength=bins) / np.maximum(counts, 1)
+    mean_conf = np.bincount(which, weights=confidence, minlength=bins) / np.maximum(counts, 1)
+    fig, (ax, ax_n) = plt.subplots(2, 1, figsize=(4.2, 5.2), dpi=100, sharex=True,
+                                   gridspec_kw={"height_ratios": [3, 1]})
+    centers, width = (edges[:-1] + edges[1:]) / 2, 1.0 / bins
+    seen = counts > 0
+    ax.bar(centers[seen], observed[seen], width=width * 0.9, color="tab:blue", alpha=0.8, label="observed")
+    ax.plot(mean_conf[seen], mean_conf[seen], "o", color="tab:red", markersize=3, label="mean confidence")
+    ax.plot([0, 1], [0, 1], "--", color="grey", linewidth=1)
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1.02)
+    ax.set_ylabel("observed frequency", fontsize=8)
+    ax.set_title(title, fontsize=9)
+    ax.legend(fontsize=7, loc="upper left")
+    ax_n.bar(centers, counts, width=width * 0.9, color="tab:grey")
+    ax_n.set_yscale("symlog")
+    ax_n.set_xlabel("predicted probability", fontsize=8)
+    ax_n.set_ylabel("count", fontsize=8)
     return _save(fig, path)
 
 

@@ -34,10 +34,12 @@ from deforest.datasets import MULTICLASS, MULTILABEL
 from deforest.io import TileError, canonical_band, resolve_bands
 from deforest.metrics import compute_metrics, decide, flatten_metrics
 from deforest.module import TileClassifier
+from deforest.outputs import atomic_output, write_text_output
 from deforest.plots import (
     plot_class_distribution,
     plot_confusion_matrix,
     plot_examples,
+    plot_reliability,
     plot_label_confusion,
     plot_pr_curves,
     plot_training_curves,
@@ -48,8 +50,8 @@ log = logging.getLogger(__name__)
 
 TRUE_COLOUR = ("B04", "B03", "B02")
 HEADLINE = {
-    MULTICLASS: ("accuracy", "balanced_accuracy", "kappa", "f1_macro", "f1_weighted"),
-    MULTILABEL: ("f1_micro", "f1_macro", "f2", "map", "hamming_loss"),
+    MULTICLASS: ("accuracy", "balanced_accuracy", "kappa", "f1_macro", "f1_weighted", "ece"),
+    MULTILABEL: ("f1_micro", "f1_macro", "f2", "map", "hamming_loss", "ece", "ece_macro"),
 }
 
 
@@ -151,6 +153,7 @@ def write_report(
 
     figures = {"confusion_matrix": _confusion_figure(run, tuned, out / "confusion_matrix.png")}
     figures["pr_curves"] = _pr_figure(run, out / "pr_curves.png")
+    figures["reliability"] = _reliability_figure(run, tuned, out / "reliability.png")
     if run.split_counts:
         figures["class_distribution"] = plot_class_distribution(run.split_counts, out / "class_distribution.png")
     curves = _epoch_series(run.csv_log) if run.csv_log and run.csv_log.is_file() else {}
@@ -159,8 +162,8 @@ def write_report(
     figures["examples"] = _examples_figure(run, examples, seed, out / "examples.png")
     _write_predictions(run, out / "predictions.csv")
     text = _markdown(run, tuned, at_half, figures)
-    (out / "report.md").write_text(text)
-    (out / "report.html").write_text(_html(text, figures))
+    write_text_output(out / "report.md", text)
+    write_text_output(out / "report.html", _html(text, figures))
     log.info("report written to %s", out / "report.md")
     return record, figures
 
@@ -254,6 +257,19 @@ def _pr_figure(run: Evaluation, path: Path) -> Path:
     return plot_pr_curves([(p.numpy(), r.numpy()) for p, r in zip(precision, recall)], ap, run.class_names, path)
 
 
+def _reliability_figure(run: Evaluation, values: dict[str, Tensor], path: Path) -> Path:
+    """Multi-class: the top-label confidence against being right; multi-label: every
+    label-tile probability against the label being present (the pairs ``ece`` pools)."""
+    if run.task == MULTICLASS:
+        confidence, predicted = run.probs.max(dim=1)
+        correct = predicted == run.target
+        title = f"top-label reliability, ECE {float(values['ece']):.3f}"
+    else:
+        confidence, correct = run.probs, run.target.bool()
+        title = f"label-tile reliability, ECE {float(values['ece']):.3f} (macro {float(values['ece_macro']):.3f})"
+    return plot_reliability(confidence.float().numpy(), correct.numpy(), path, title)
+
+
 def _average_precision(run: Evaluation) -> list[float]:
     c = len(run.class_names)
     if run.task == MULTICLASS:
@@ -321,7 +337,7 @@ def _wrap(text: str, width: int = 34, lines: int = 3) -> str:
 def _write_predictions(run: Evaluation, path: Path) -> None:
     """One row per tile: file, true and predicted labels, every class probability."""
     target, predicted = run.target.numpy(), _decisions(run)
-    with path.open("w", newline="") as handle:
+    with atomic_output(path, ".csv") as tmp, tmp.open("w", newline="") as handle:
         writer = csv.writer(handle)
         writer.writerow(["path", "true", "predicted", *(f"p:{n}" for n in run.class_names)])
         for row, source in enumerate(run.sources):
@@ -374,7 +390,8 @@ def _markdown(run: Evaluation, tuned: dict[str, Tensor], at_half: dict[str, Tens
                   "|---" * (len(run.class_names) + 1) + "|"]
         lines += [f"| {name} | " + " | ".join(str(int(v)) for v in matrix[i]) + " |" for i, name in enumerate(names)]
         lines.append("")
-    sections = (("pr_curves", "Precision-recall curves"), ("class_distribution", "Class distribution"),
+    sections = (("pr_curves", "Precision-recall curves"), ("reliability", "Reliability diagram"),
+                ("class_distribution", "Class distribution"),
                 ("training_curves", "Training curves"), ("examples", f"Example {split} tiles (wrong ones in red)"))
     for key, title in sections:
         lines += [f"## {title}", ""]

@@ -286,6 +286,12 @@ class RunDirLockCallback(_HydraCallback):
             # logging is not set up yet: one line on stderr, as exit_on_user_error writes it
             print(f"[deforest.safety][ERROR] - RunDirLocked: {err}", file=sys.stderr, flush=True)
             raise SystemExit(2) from None
+        except OSError as err:
+            # a read-only, full or unreachable folder: Hydra would only warn here and then fail
+            # with a traceback opening its log file in it
+            print(f"[deforest.safety][ERROR] - OutputError: {Path(run_dir).expanduser().resolve()}: cannot be written "
+                  f"({err.strerror or err}): give hydra.run.dir= a writable folder", file=sys.stderr, flush=True)
+            raise SystemExit(2) from None
         import atexit
 
         self._lock = lock

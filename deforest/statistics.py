@@ -70,9 +70,11 @@ def measure_band_statistics(
     num_bands: int,
     log_scale: bool,
     on_bad: Callable[[TileError, int], None],
+    on_tile: Callable[[np.ndarray, np.ndarray | None], None] | None = None,
 ) -> tuple[list[float], list[float]]:
     """Mean/std per band over the valid pixels of tiles ``0..count-1`` (``log1p`` values when
-    ``log_scale``); a tile that fails to read goes to ``on_bad`` and is left out."""
+    ``log_scale``); a tile that fails to read goes to ``on_bad`` and is left out. ``on_tile``
+    sees each tile's raw values and valid mask in the same pass (the contract's value range)."""
     total = np.zeros(num_bands)
     total_sq = np.zeros(num_bands)
     n = np.zeros(num_bands)
@@ -82,6 +84,8 @@ def measure_band_statistics(
         except TileError as err:
             on_bad(err, i)
             continue
+        if on_tile is not None:
+            on_tile(image, valid)
         image = image.astype(np.float64)
         if log_scale:
             image = np.log1p(np.clip(image, 0, None))

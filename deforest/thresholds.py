@@ -34,6 +34,7 @@ def tune_thresholds(probs: Tensor, target: Tensor, metric: str = "f1") -> Tensor
     thresholds = torch.full((num_labels,), 0.5)
     for label, (p, r, t) in enumerate(zip(precision, recall, candidates)):
         p, r = p[:-1], r[:-1]  # the curve's last point (recall 0) has no threshold
+        t = torch.atleast_1d(t)  # one distinct probability (e.g. a constant after calibration): a 0-d tensor
         score = torch.nan_to_num((1 + beta2) * p * r / (beta2 * p + r))
         if len(score) and score.max() > 0:
             thresholds[label] = t[score.argmax()]

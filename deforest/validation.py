@@ -7,7 +7,10 @@ process, so users never see a worker traceback.
 
 Nodata rule: a tile whose pixels are all nodata is a bad tile; nodata pixels of a partly
 covered tile are filled with the training mean of their band, which is 0 after
-normalisation, so they carry no signal.
+normalisation, so they carry no signal. A tile of one value in every band that declares no
+nodata is counted in a warning, and is a bad tile under ``validate=full`` (:func:`constant_tile`).
+
+Band order: tiles that name their bands are read in the dataset's order by name (:func:`band_order`).
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ import numpy as np
 
 # torch is imported where a batch is built, not here: the nodata rules below serve the
 # torch-free prediction path (deforest.mapping, deforest-predict on an ONNX model) too
-from deforest.io import SUPPORTED_DTYPES, RasterHeader, TileError
+from deforest.io import SUPPORTED_DTYPES, RasterHeader, TileError, canonical_band
 
 log = logging.getLogger(__name__)
 
@@ -102,9 +105,8 @@ def reference_header(headers: Sequence[RasterHeader]) -> RasterHeader:
     if not sizes:
         return dataclasses.replace(reference, pixel_size=None)
     size = sizes.most_common(1)[0][0]
-    return dataclasses.replace(reference, pixel_size=next(
-        h.pixel_size for h in headers if h.pixel_size is not None and round(h.pixel_size, 1) == size
-    ))
+    chosen = next(h for h in headers if h.pixel_size is not None and round(h.pixel_size, 1) == size)
+    return dataclasses.replace(reference, pixel_size=chosen.pixel_size, res=chosen.res, units=chosen.units)
 
 
 def check_header(path: str, header: RasterHeader, reference: RasterHeader) -> None:
@@ -129,6 +131,63 @@ def check_header(path: str, header: RasterHeader, reference: RasterHeader) -> No
                 f"has {header.pixel_size:.3g} m pixels, the dataset's tiles have {reference.pixel_size:.3g} m "
                 f"(another resolution: resample it to the dataset's grid)",
             )
+
+
+def dataset_band_names(reference: RasterHeader, configured: Sequence[str] | None, count: int) -> list[str] | None:
+    """The names of the dataset's ``count`` bands, in the dataset's order: the reference tile's
+    descriptions when it names every band, else the data config's names when they fit the count,
+    else ``None`` (the bands have no names; tiles are read by position)."""
+    described = reference.descriptions
+    if len(described) == count and all(described):
+        return list(described)
+    if not configured or len(configured) != count:
+        return None
+    return list(configured)
+
+
+def band_order(path: str, header: RasterHeader, names: Sequence[str] | None) -> list[int] | None:
+    """The 1-based bands of the tile at ``path`` that hold ``names`` (the dataset's names, in the
+    dataset's order), matched by :func:`~deforest.io.canonical_band` as prediction matches a
+    scene's bands; ``None`` where position decides: the tile does not name every band, or it or
+    the dataset repeats a name. Tiles of one dataset may store their bands in different orders,
+    and the first tile's order read for all would shuffle the others' bands.
+
+    Raises :class:`TileError` when the tile names its bands but one of ``names`` is not among them.
+    """
+    described = header.descriptions
+    if not names or len(described) != header.count or not all(described):
+        return None
+    if tuple(described) == tuple(names):  # the common case, without a regex per band
+        return None if len(set(names)) != len(names) else list(range(1, len(names) + 1))
+    wanted = [canonical_band(name) for name in names]
+    if len(set(wanted)) != len(wanted):
+        return None
+    have = [canonical_band(name) for name in described]
+    for name, key in zip(names, wanted):
+        if key not in have:
+            raise TileError(path, f"has no band {name} (its bands: {', '.join(described)})")
+    if len(set(have)) != len(have):  # names that repeat tell no order (possible for a subset of names only)
+        return None
+    return [have.index(key) + 1 for key in wanted]
+
+
+def constant_tile(image: np.ndarray, valid: np.ndarray | None) -> str | None:
+    """What is wrong with a tile whose every band holds one value across the tile and that
+    declares no nodata (``valid`` is ``None``); ``None``: nothing. Such a tile (an empty
+    export, a fill never declared as nodata) carries no signal but trains as a real sample;
+    a tile that declares nodata and holds only nodata is refused by :func:`check_pixels`."""
+    if valid is not None or image.size == 0:
+        return None
+    flat = image.reshape(image.shape[0], -1)
+    low = flat.min(axis=1)
+    if (flat.max(axis=1) != low).any():
+        return None
+    if not low.any():
+        return ("every pixel is 0 in every band and the file declares no nodata: declare its nodata "
+                "(gdal_edit.py -a_nodata 0 FILE) or remove it")
+    values = ", ".join(f"{v:g}" for v in low.tolist()[:13])
+    return (f"every band holds one value across the tile ({values}) and the file declares no nodata: "
+            "declare its nodata or remove it")
 
 
 def valid_pixels(image: np.ndarray, nodata: float | Sequence[float | None] | None) -> np.ndarray | None:

@@ -1,15 +1,16 @@
 """Forest loss from two dates: pair samples, pair scenes, change maps and their areas.
 
-No package we could find ships two dates of one footprint (see data/README.md), so the pairs
-here are the real Rondonia Landsat 8 scene (``before``) and the same scene with seeded
-clearings (``after``): forest pixels inside random disks get the spectrum of a real bare-soil
-pixel of the same scene. That gives exact loss labels to test the mechanics with; it is not
-evidence of how well a model finds real clearings.
+Most pairs here are the real Rondonia Landsat 8 scene (``before``) and the same scene with
+seeded clearings (``after``): forest pixels inside random disks get the spectrum of a real
+bare-soil pixel of the same scene. That gives exact loss labels to test the mechanics with; it
+is not evidence of how well a model finds real clearings. The one real two-date sample shipped
+(data/scenes/colorado-landsat5, see data/README.md) runs the whole sequence at the end.
 """
 
 from __future__ import annotations
 
 import csv
+import logging
 import re
 import subprocess
 import sys
@@ -274,21 +275,6 @@ def test_forest_loss_experiment_needs_its_data_root(tmp_path):
     assert "ConfigError: invalid config: no value for data.root: give it on the command line (data.root=...)" in errors[0]
 
 
-def test_packing_pairs_is_refused_in_one_line(pairs, tmp_path):
-    """A pack re-checks each sample against one file or folder; a pair is two: refused by name."""
-    run = subprocess.run(
-        [sys.executable, "-m", "deforest.cli.pack", "data=pairs", f"data.root={pairs['root']}",
-         f"out={tmp_path / 'pack'}", f"hydra.run.dir={tmp_path / 'run'}"],
-        capture_output=True, text=True, cwd=tmp_path, timeout=300,
-    )
-    output = run.stdout + run.stderr
-    assert run.returncode == 2, output
-    assert "Traceback" not in output
-    errors = [line for line in output.splitlines() if "ERROR" in line]
-    assert len(errors) == 1 and "PairLayout samples cannot be packed" in errors[0], output
-    assert not (tmp_path / "pack").exists()
-
-
 # ---- change-map post-processing (pure) -------------------------------------------------------
 def test_mmu_removes_a_5_pixel_patch_and_keeps_a_20_pixel_one():
     mask = np.zeros((20, 20), bool)
@@ -378,3 +364,110 @@ def test_statistics_cache_notices_a_changed_after_tile(train_config, tmp_path):
     again = np.asarray(second.input_spec.normalization.mean)
     np.testing.assert_allclose(again[:6], mean[:6], rtol=1e-6)  # t0 untouched
     assert np.all(again[6:] > mean[6:] + 1.0), (mean, again)  # log1p(4x): about +1.4 in every t1 band
+
+
+# ---- real imagery of two dates: the whole sequence on data/scenes/colorado-landsat5 -------------
+COLORADO = Path(__file__).resolve().parents[1] / "data" / "scenes" / "colorado-landsat5"
+BEFORE_2008, AFTER_2011 = COLORADO / "LT05_035032_20080708.tif", COLORADO / "LT05_035032_20110701.tif"
+LOSS_DNBR = COLORADO / "loss_dnbr.tif"
+
+
+def _nbr(bands: np.ndarray) -> np.ndarray:
+    """Normalised burn ratio of Landsat TM bands B3, B4, B5 (NIR and SWIR1: bands 2 and 3)."""
+    nir, swir = bands[1].astype(np.float64), bands[2].astype(np.float64)
+    return (nir - swir) / (nir + swir)
+
+
+@pytest.mark.slow
+def test_real_two_date_pair_tiles_trains_both_heads_and_maps_change(train_config, tmp_path, caplog):
+    """Two real Landsat 5 TM dates of one 61x61 px place (2008-07-08, 2011-07-01): tiled, trained
+    with both heads, and mapped with a unit and confidence classes. The labels are the pixels
+    whose NBR fell by 0.10 or more between the dates (data/README.md): derived from the same
+    imagery, so this checks the sequence on real pixels, not a model's skill."""
+    from deforest.cli.tile import tile
+
+    with rasterio.open(BEFORE_2008) as a, rasterio.open(AFTER_2011) as b, rasterio.open(LOSS_DNBR) as lab:
+        assert a.crs == b.crs == lab.crs == rasterio.crs.CRS.from_epsg(32613)
+        assert a.transform == b.transform == lab.transform and a.shape == b.shape == lab.shape == (61, 61)
+        assert a.descriptions == b.descriptions == ("B3", "B4", "B5") and a.nodata == b.nodata == -9999
+        before, after, label = a.read(), b.read(), lab.read(1)
+        transform, crs = a.transform, a.crs
+    # the shipped label is its recipe applied to the shipped dates; the dates really differ
+    np.testing.assert_array_equal(label, (_nbr(after) - _nbr(before) <= -0.10).astype(np.uint8))
+    assert int(label.sum()) == 405 and np.abs(after.astype(int) - before.astype(int)).mean() > 50
+    np.testing.assert_array_equal(pixel_areas(transform, crs, 61), np.full(61, 900.0))  # 30 m: 0.09 ha
+
+    def cut(out: Path, mode: str) -> dict:
+        with initialize_config_module(config_module="deforest.conf", version_base="1.3"):
+            return tile(compose("tile", overrides=[
+                f"before={BEFORE_2008}", f"after={AFTER_2011}", f"label_raster={LOSS_DNBR}", f"out={out}",
+                "tile_size=8", "stride=2", f"mode={mode}", "class_names={0: stable, 1: loss}"]))
+
+    # 8 px windows every 2 px: 27 x 27 pairs; majority: loss where at least half of the window
+    # lost NBR (a 32/32 tie goes to the first name in sorted order, loss)
+    report = cut(tmp_path / "pairs", "majority")
+    assert report["pairs"] == 27 * 27 == 729 and report["skipped"] == 0
+    with (tmp_path / "pairs" / "pairs.csv").open(newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    for row in rows:
+        r, c = map(int, re.search(r"_r(\d+)_c(\d+)\.tif$", row["before"]).groups())
+        assert row["labels"] == ("loss" if label[r : r + 8, c : c + 8].mean() >= 0.5 else "stable"), row
+    assert report["class_counts"] == {"stable": 662, "loss": 67}
+    # any: every class present, so windows at a patch's edge carry both tags (multi-label)
+    both = cut(tmp_path / "pairs_any", "any")
+    assert both["class_counts"]["loss"] > report["class_counts"]["loss"]
+
+    # both heads through the real entry; one date's bands named B3@t0 ... B5@t1 in the checkpoint
+    def fit(root: Path) -> tuple[dict, InputSpec]:
+        metrics = train(train_config(["experiment=forest_loss", f"data.root={root}", "model.input_pool=1",
+                                      "trainer.max_epochs=1", "data.batch_size=64"]))
+        return metrics, TileClassifier.load_from_checkpoint(metrics["best_checkpoint"], map_location="cpu").input_spec
+
+    multilabel, spec = fit(tmp_path / "pairs_any")
+    assert spec.task == "multilabel" and spec.class_names == ["loss", "stable"]
+    assert 0.0 <= multilabel["test/f1_macro"] <= 1.0
+    metrics, spec = fit(tmp_path / "pairs")
+    assert spec.task == "multiclass" and spec.class_names == ["loss", "stable"]
+    assert spec.band_names == ["B3@t0", "B4@t0", "B5@t0", "B3@t1", "B4@t1", "B5@t1"]
+
+    # the change map of the two whole scenes: on the scenes' grid, then with a unit and classes
+    def run(out: Path, *change: str) -> dict:
+        with initialize_config_module(config_module="deforest.conf", version_base="1.3"):
+            return predict(compose("predict", overrides=[
+                f"ckpt_path={metrics['best_checkpoint']}", f"before={BEFORE_2008}", f"after={AFTER_2011}",
+                f"out={out}", "full_resolution=true", "stride=2", "device=cpu", *change]))
+
+    run(tmp_path / "map.tif", "change.min_area_ha=0")
+    with rasterio.open(tmp_path / "map.tif") as full, rasterio.open(tmp_path / "map_change.tif") as change:
+        for src in (full, change):
+            assert src.crs == crs and src.transform == transform and src.shape == (61, 61)
+        p_loss = full.read(2).astype(np.float64) / 254  # band 1: class; then p_loss, p_stable
+        np.testing.assert_array_equal(change.read(2), full.read(2))
+    # thresholds from this model's own map, so that patches of several sizes exist whatever one
+    # epoch gave; the unit then sits between the smallest and the largest of them
+    low, high = np.quantile(p_loss, 0.85), np.quantile(p_loss, 0.95)
+    raw = confidence_classes(p_loss, low, high)
+    patches, count = ndimage.label(raw > 0, structure=np.ones((3, 3)))
+    sizes = np.bincount(patches.ravel())
+    sizes[0] = 0
+    distinct = np.unique(sizes[1:])
+    assert count > 1 and len(distinct) > 1, sizes
+    unit_px = int(distinct[len(distinct) // 2])  # patches of fewer pixels go
+    unit_ha = unit_px * 0.09 - 0.001
+    caplog.set_level(logging.INFO, logger="deforest.cli.predict")
+    summary = run(tmp_path / "mmu.tif", f"change.low={low}", f"change.high={high}", f"change.min_area_ha={unit_ha}")
+    with rasterio.open(tmp_path / "mmu_change.tif") as src:
+        assert src.crs == crs and src.transform == transform
+        classes = src.read(1)
+    kept = sizes[patches] >= unit_px
+    np.testing.assert_array_equal(classes > 0, (raw > 0) & kept)
+    np.testing.assert_array_equal(classes[kept], raw[kept])  # kept pixels keep their class
+    assert summary["pixels_removed_by_mmu"] == int(((raw > 0) & ~kept).sum()) > 0
+    hectares = summary["loss_ha"]
+    assert hectares["high"] == pytest.approx((classes == HIGH).sum() * 0.09)
+    assert hectares["low"] == pytest.approx((classes == LOW).sum() * 0.09)
+    assert hectares["total"] == pytest.approx((classes > 0).sum() * 0.09) and hectares["total"] > 0
+    printed = [r.getMessage() for r in caplog.records if r.getMessage().startswith("mapped loss: ")]
+    assert printed and printed[-1].startswith(
+        f"mapped loss: {(classes > 0).sum() * 0.09:.2f} ha ({(classes == HIGH).sum() * 0.09:.2f} ha high confidence, "
+        f"{(classes == LOW).sum() * 0.09:.2f} ha low; patches under {unit_ha} ha dropped)"), printed

@@ -5,6 +5,7 @@ fine-tuning that starts mid-run, and per-rank augmentation seeds."""
 
 from __future__ import annotations
 
+import ast
 import json
 import os
 import shutil
@@ -197,6 +198,26 @@ def test_a_bad_tile_on_one_rank_stops_every_rank_with_one_line(train_config, tmp
     while any(Path(f"/proc/{pid}").exists() for pid in pids) and time.monotonic() < deadline:
         time.sleep(0.2)
     assert not any(Path(f"/proc/{pid}").exists() for pid in pids)  # no rank left waiting in a collective
+    assert seconds < 120, seconds
+
+
+@pytest.mark.slow
+def test_a_nonfinite_loss_stops_every_rank_with_one_line(tmp_path):
+    # plain SGD at lr=1e30: the first step blows the weights up on both ranks (one model), the
+    # next loss is NaN on both; the ranks take the decision together, rank 0 alone says so
+    root = _tiny_eurosat(tmp_path / "data")
+    done, seconds = _train(tmp_path, root, "model.optimizer._target_=torch.optim.SGD", "model.optimizer.lr=1e30",
+                           "model.scheduler=null", "test=false", timeout=240)
+    out = done.stdout + done.stderr
+    assert done.returncode == 2, out[-6000:]
+    lines = [line for line in out.splitlines() if "FloatingPointError:" in line]
+    assert len(lines) == 1, out[-6000:]
+    message = lines[0].split("FloatingPointError: ", 1)[1]
+    assert message.startswith("non-finite training loss (nan) at global step 1, batch 1; files: "), message
+    files = ast.literal_eval(message.split("files: ", 1)[1])
+    # both ranks' batches (4 tiles each), every one a training tile of the data
+    assert len(files) == len(set(files)) == 8 and all(Path(f).is_file() and Path(f).is_relative_to(root) for f in files), files
+    assert "Traceback" not in out and "Error executing job" not in out, out[-6000:]
     assert seconds < 120, seconds
 
 

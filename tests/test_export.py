@@ -191,3 +191,37 @@ def test_bad_checkpoint_or_format_ends_in_one_line(make, fmt, message, tmp_path)
     errors = [line.split("] - ", 1)[1] for line in output.splitlines() if "][ERROR] - " in line]
     assert errors == [message.format(ckpt=ckpt)]
     assert not (tmp_path / "model").exists()
+
+
+@pytest.mark.parametrize("nodata", [0.1, -3.4028234663852886e+38], ids=["0.1", "float32-min-as-double"])
+def test_exported_graph_and_files_share_the_nodata_rule(nodata, tmp_path):
+    """A contract nodata that float32 cannot hold exactly: pixels are read as float32, so a
+    pixel holding float32(nodata) is nodata in the files' rule (validation.is_nodata), and the
+    exported graph must fill the same pixels, and only those."""
+    from test_predict import save_untrained
+
+    from deforest.validation import is_nodata
+
+    ckpt = save_untrained(tmp_path / "nodata.ckpt", "multiclass", ["a", "b", "c"], bands=3, tile=16, nodata=nodata)
+    spec = TileClassifier.load_from_checkpoint(ckpt, map_location="cpu").spec
+    assert spec.nodata == nodata
+    stored = np.float32(nodata)
+    rng = np.random.default_rng(0)
+    raw = rng.uniform(2.0, 6.0, (4, 3, 16, 16)).astype(np.float32)
+    raw = with_holes(raw, stored)
+    raw[2, 1, 3, :4] = np.nextafter(stored, np.float32(np.inf))  # one float32 step away: a value, not nodata
+    holes = is_nodata(raw, nodata)
+    assert holes.sum() == (raw == stored).sum() > 0
+    assert torch.equal(is_nodata(torch.from_numpy(raw), nodata), torch.from_numpy(holes))  # one rule, NumPy or torch
+    expected, _ = deforest_probabilities(ckpt, raw)
+    fill = np.asarray(spec.fill, np.float32)[:, None, None]
+    np.testing.assert_array_equal(spec.prepare(raw), np.where(holes, fill, raw))  # the files' rule fills those pixels
+    as_values = TileClassifier.load_from_checkpoint(ckpt, map_location="cpu").eval()
+    with torch.no_grad():  # the same pixels read as values: what a graph with another rule would give
+        other = as_values.predict_proba(torch.from_numpy(np.where(np.isfinite(raw), raw, fill))).numpy()
+    gap = np.abs(other - expected).max()
+    assert gap > 0
+    for fmt in FORMATS:
+        out = run_export(tmp_path, str(ckpt), fmt)
+        got = run_exported(out, fmt, raw)
+        assert np.abs(got - expected).max() < gap / 10, fmt  # far closer to the rule's answer than to the other

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from deforest.losses import SCHEMES, DynamicWeightedLoss, batch_class_counts, class_weights
+from deforest.losses import MULTILABEL_ONLY, SCHEMES, DynamicWeightedLoss, batch_class_counts, class_weights
 
 MC, ML = "multiclass", "multilabel"
 
@@ -23,13 +24,13 @@ def test_batch_counts_by_hand():
 def test_class_weights_by_hand():
     counts = torch.tensor([3.0, 1.0, 0.0])
     assert torch.allclose(class_weights(counts, "inverse_count"), torch.tensor([0.25, 0.5, 1.0]))
-    # N / (C * n_c), absent class counted as 1: N=4, C=3
-    assert torch.allclose(class_weights(counts, "inverse_frequency"), torch.tensor([4 / 9, 4 / 3, 4 / 3]))
+    # N / (C_b * n_c), C_b = 2 classes present, N = 4: the samples' weights average 1
+    assert torch.allclose(class_weights(counts, "inverse_frequency")[:2], torch.tensor([4 / 6, 4 / 2]))
     # (N - P + 1) / (P + 1) with N = 5 samples
     assert torch.allclose(class_weights(counts, "pos_weight", total=5.0), torch.tensor([3 / 4, 5 / 2, 6.0]))
     beta = 0.9
     raw = torch.tensor([(1 - beta) / (1 - beta**3), (1 - beta) / (1 - beta), (1 - beta) / (1 - beta)])
-    expected = raw * 3 / raw.sum()
+    expected = raw * 4 / (counts * raw).sum()  # rescaled so the 4 samples' weights average 1
     assert torch.allclose(class_weights(counts, "effective_number", beta=beta), expected)
 
 
@@ -158,7 +159,7 @@ def _cases():
 @pytest.mark.parametrize("smoothing", [0.0, 0.1])
 def test_edge_cases_finite_loss_and_gradients(scheme, normalize, smoothing):
     for task, logits, targets in _cases():
-        if scheme == "pos_weight" and task == MC:
+        if scheme in MULTILABEL_ONLY and task == MC:
             continue
         logits = logits.clone().requires_grad_(True)
         loss_fn = DynamicWeightedLoss(task, 4, scheme=scheme, normalize=normalize, label_smoothing=smoothing)
@@ -194,7 +195,7 @@ def test_no_host_sync_on_cuda():
     try:
         for scheme in SCHEMES:
             for task in (MC, ML):
-                if scheme == "pos_weight" and task == MC:
+                if scheme in MULTILABEL_ONLY and task == MC:
                     continue
                 logits = torch.randn(32, 5, device="cuda", requires_grad=True)
                 targets = (
@@ -221,3 +222,135 @@ def test_weighted_loss_is_float32_under_bf16_autocast(task):
     assert logits.dtype == torch.bfloat16 and loss.dtype == torch.float32
     expected = DynamicWeightedLoss(task, 5, scheme="inverse_count")(logits.detach().float(), y)
     torch.testing.assert_close(loss.detach(), expected, rtol=0, atol=0)
+
+
+# --- multi-label weighting of rare labels: loss optimum, smoothing, loss scale ---------------
+
+ML_SCHEMES = [s for s in SCHEMES if s not in ("auto", "static", "ema")]
+
+
+def _constant_optimum(
+    scheme: str, batch: int, rate: float = 0.02, smoothing: float = 0.0, warmup: int = 3000, seed: int = 0
+) -> float:
+    """The p at which a constant predictor's weighted loss, in expectation over batches of
+    ``batch`` samples of a label in ``rate`` of them, is lowest.
+
+    A constant predictor's batch loss depends only on the batch's positive count P, so the
+    expectation is the sum over P = 0..N of the real loss's derivative weighted by the binomial
+    probability of P. Every column of the logits is one point of a grid of p with the same
+    targets, so one pass scores the grid; the optimum is where the convex sum's slope crosses 0.
+    Running state (``logit_adjusted``) is first trained on ``warmup`` sampled batches, then frozen.
+    """
+    grid = torch.linspace(-7.0, 3.0, 401)
+    loss_fn = DynamicWeightedLoss(ML, grid.numel(), scheme=scheme, label_smoothing=smoothing).train()
+    g = torch.Generator().manual_seed(seed)
+    if scheme == "logit_adjusted":
+        with torch.no_grad():
+            for _ in range(warmup):
+                t = (torch.rand(batch, 1, generator=g) < rate).float().expand(-1, grid.numel())
+                loss_fn(torch.zeros(batch, grid.numel()), t)
+    loss_fn.eval()
+    slope = torch.zeros(grid.numel(), dtype=torch.float64)
+    for positives in range(batch + 1):
+        probability = math.comb(batch, positives) * rate**positives * (1 - rate) ** (batch - positives)
+        if probability < 1e-12:
+            continue
+        t = (torch.arange(batch) < positives).float()[:, None].expand(-1, grid.numel())
+        logits = grid.expand(batch, -1).clone().requires_grad_(True)
+        loss_fn(logits, t).backward()
+        slope += probability * logits.grad.sum(0).double()
+    first_up = int(torch.nonzero(slope > 0)[0])
+    z0, z1, s0, s1 = grid[first_up - 1], grid[first_up], slope[first_up - 1], slope[first_up]
+    return float(torch.sigmoid(z0 - s0 * (z1 - z0) / (s1 - s0)))
+
+
+@pytest.mark.parametrize(
+    "scheme, batch, expected, tol",
+    [
+        ("none", 16, 0.0200, 0.0002),
+        ("inverse_count", 16, 0.0106, 0.0002),  # the reference formula: about half the true rate
+        ("inverse_count", 64, 0.0122, 0.0002),
+        ("logit_adjusted", 16, 0.0200, 0.0015),  # balanced weights, optimum kept at the true rate
+        ("logit_adjusted", 64, 0.0200, 0.0015),
+    ],
+)
+def test_constant_predictor_optimum_of_a_rare_label(scheme, batch, expected, tol):
+    assert _constant_optimum(scheme, batch) == pytest.approx(expected, abs=tol)
+
+
+@pytest.mark.parametrize("batch", [16, 64])
+def test_balanced_schemes_move_the_optimum_up_not_down(batch):
+    """``balanced`` and ``pos_weight`` lift a 2% label's optimum above its rate (the prior
+    correction undoes it); ``inverse_count`` is the one that halves it."""
+    optima = {s: _constant_optimum(s, batch) for s in ("balanced", "pos_weight", "effective_number")}
+    for scheme, p in optima.items():
+        assert 0.05 < p < 0.6, (scheme, p)
+
+
+@pytest.mark.parametrize("scheme", ML_SCHEMES)
+def test_smoothing_never_turns_a_weighted_negative_into_a_positive(scheme):
+    """N=64, the label absent from the batch, default smoothing 0.1: every element is a
+    negative, so the loss must be lowest at a small p (the smoothed target 0.05 at most),
+    whatever weight the scheme gives the label's positives."""
+    p = _constant_optimum(scheme, 64, rate=0.0, smoothing=0.1)
+    assert p < 0.1, p
+
+
+def _scale(scheme: str, task: str, targets: torch.Tensor, c: int) -> float:
+    """The loss of all-zero logits divided by the unweighted one: the mean element weight."""
+    logits = torch.zeros(targets.shape[0], c)
+    weighted = DynamicWeightedLoss(task, c, scheme=scheme)(logits, targets)
+    plain = DynamicWeightedLoss(task, c, scheme="none")(logits, targets)
+    return float(weighted / plain)
+
+
+def _batches(task: str, c: int = 10, n: int = 64):
+    g = torch.Generator().manual_seed(7)
+    if task == MC:
+        all_classes = torch.randint(0, c, (n,), generator=g)
+        half = torch.randint(0, c // 2, (n,), generator=g)
+    else:
+        all_classes = (torch.rand(n, c, generator=g) < 0.3).long()
+        half = all_classes.clone()
+        half[:, c // 2 :] = 0
+    return all_classes, half
+
+
+@pytest.mark.parametrize(
+    "task, scheme",
+    [(MC, s) for s in ("inverse_frequency", "effective_number")]
+    + [(ML, s) for s in ("inverse_frequency", "effective_number", "pos_weight", "balanced", "logit_adjusted")],
+)
+def test_loss_scale_stays_within_2x_when_half_the_classes_are_absent(task, scheme):
+    all_classes, half = _batches(task)
+    ratio = _scale(scheme, task, all_classes, 10) / _scale(scheme, task, half, 10)
+    assert 0.5 <= ratio <= 2.0, ratio
+
+
+def test_auto_scheme_resolves_by_task_from_the_real_config():
+    """``loss.scheme=auto`` (the shipped default): inverse_count for a multi-class head, the
+    config's ``loss.multilabel_scheme`` for a multi-label head."""
+    from omegaconf import OmegaConf
+
+    cfg = OmegaConf.load(Path(__file__).parents[1] / "conf" / "loss" / "default.yaml")
+    options = {k: v for k, v in OmegaConf.to_container(cfg).items() if k != "criterion"}
+    assert options["scheme"] == "auto"
+    assert DynamicWeightedLoss(MC, 3, **options).scheme == "inverse_count"
+    assert DynamicWeightedLoss(ML, 3, **options).scheme == options["multilabel_scheme"]
+    assert DynamicWeightedLoss(ML, 3, **{**options, "multilabel_scheme": "balanced"}).scheme == "balanced"
+    assert DynamicWeightedLoss(MC, 3, **{**options, "multilabel_scheme": "balanced"}).scheme == "inverse_count"
+    with pytest.raises(ValueError, match="multilabel only"):
+        DynamicWeightedLoss(MC, 3, scheme="balanced")
+
+
+@pytest.mark.parametrize("scheme", ["pos_weight", "balanced"])
+def test_multilabel_only_scheme_on_multiclass_data_is_a_config_error(train_config, scheme):
+    """Refused in one line naming the key once the real EuroSAT sample shows a multi-class task."""
+    from deforest.build import build_datamodule, build_model
+    from deforest.config_checks import ConfigError
+
+    cfg = train_config([f"loss.scheme={scheme}"])
+    datamodule = build_datamodule(cfg.data)
+    datamodule.setup("fit")
+    with pytest.raises(ConfigError, match=rf"loss\.scheme={scheme} .* needs a multi-label task; this data is multiclass"):
+        build_model(cfg.model, cfg.loss, datamodule)

@@ -13,7 +13,7 @@ import torch.multiprocessing as mp
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from deforest.losses import DynamicWeightedLoss
+from deforest.losses import MULTILABEL_ONLY, DynamicWeightedLoss
 
 C, FEATURES = 5, 6
 # uneven shards: the global batch is 7 + 4 samples
@@ -21,9 +21,10 @@ SHARDS = (slice(0, 7), slice(7, 11))
 CASES = [
     (task, scheme, normalize)
     for task in ("multiclass", "multilabel")
-    for scheme in ("none", "static", "inverse_count", "inverse_frequency", "effective_number", "ema", "pos_weight", "focal")
+    for scheme in ("none", "static", "inverse_count", "inverse_frequency", "effective_number", "ema", "pos_weight", "focal",
+                   "balanced", "asymmetric", "logit_adjusted")
     for normalize in ("mean", "weighted")
-    if not (scheme == "pos_weight" and task == "multiclass")
+    if not (scheme in MULTILABEL_ONLY and task == "multiclass")
 ]
 
 

@@ -36,7 +36,7 @@ from deforest.thresholds import cross_fitted_thresholds, tune_thresholds
 from deforest.module import TileClassifier
 from deforest.progress import LineProgress, progress_callbacks
 
-PNGS = ("confusion_matrix", "pr_curves", "class_distribution", "training_curves", "examples")
+PNGS = ("confusion_matrix", "pr_curves", "reliability", "class_distribution", "training_curves", "examples")
 
 
 class _Lines(logging.Handler):

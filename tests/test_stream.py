@@ -10,6 +10,7 @@ import threading
 from pathlib import Path
 
 import fsspec
+import s3fs
 import numpy as np
 import pytest
 import torch
@@ -38,8 +39,12 @@ def s3_bucket():
     with pytest.MonkeyPatch.context() as mp:
         for key, value in env.items():
             mp.setenv(key, value)
+        # fsspec caches S3 filesystems by arguments, not by the endpoint read from the
+        # environment: one made for another test module's server would point at a closed port
+        s3fs.S3FileSystem.clear_instance_cache()
         fsspec.filesystem("s3", skip_instance_cache=True).mkdir("packs")
         yield "s3://packs"
+        s3fs.S3FileSystem.clear_instance_cache()
     server.stop()
 
 
@@ -287,3 +292,12 @@ def test_damaged_row_order_is_one_clear_error(s3_bucket, s3_pack, tmp_path):
     fs.pipe_file(f"{url}/{ORDER}", b"")  # a truncated upload
     with pytest.raises(DatasetError, match=rf"^{url}/order\.npy: unreadable \(.+\); re-upload the pack"):
         RemotePack(url, tmp_path, cache_chunks=False)
+
+
+def test_balanced_sampler_on_a_streamed_pack_is_refused_in_one_line(train_config, s3_pack):
+    # streamed chunks cannot serve tiles drawn one by one; a local pack can
+    with pytest.raises(DatasetError) as refused:
+        build_datamodule(train_config([f"data.packed={s3_pack}", "data.sampler=balanced"]).data)
+    assert str(refused.value) == (
+        f"{s3_pack}: data.sampler=balanced draws tiles one by one and a pack in object storage streams whole "
+        "chunks: copy the pack to a local folder, or set data.sampler=null")

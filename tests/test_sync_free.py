@@ -108,3 +108,16 @@ def test_skip_over_an_accumulation_window_makes_no_host_sync(train_config):
     train(cfg)
     assert (CountSyncs.steps, CountSyncs.undos) == (4, 2)
     assert CountSyncs.calls == []
+
+
+@pytest.mark.parametrize("scheme", ["balanced", "asymmetric", "logit_adjusted"])
+def test_multilabel_schemes_make_no_host_sync(train_config, bigearthnet_root, scheme):
+    """The multi-label schemes' positive/negative weights and the running prior stay on the device."""
+    cfg = train_config([
+        "data=bigearthnet", f"data.root={bigearthnet_root}", f"loss.scheme={scheme}", "data.batch_size=4", "test=false",
+        "+trainer.limit_train_batches=4", "+trainer.limit_val_batches=1",
+        "+callbacks.sync._target_=test_sync_free.CountSyncs",
+    ])
+    train(cfg)
+    assert CountSyncs.steps == 4
+    assert CountSyncs.calls == []

@@ -24,7 +24,9 @@ CONFIG_PATH = "pkg://deforest.conf"
 def compare(cfg: DictConfig) -> None:
     """Write the comparison of ``cfg.dirs`` and print it."""
     dirs = OmegaConf.to_container(cfg.dirs) if OmegaConf.is_list(cfg.dirs) else [cfg.dirs]
-    csv_path, md_path = write_comparison([str(d) for d in dirs], cfg.rare, cfg.out)
+    group = cfg.get("group")
+    group = None if group is None else OmegaConf.to_container(group) if OmegaConf.is_list(group) else [group]
+    csv_path, md_path = write_comparison([str(d) for d in dirs], cfg.rare, cfg.out, group)
     print(md_path.read_text())
     log.info("wrote %s and %s", md_path, csv_path)
 

@@ -27,6 +27,9 @@ EXIT_USER_ERROR = 2
 def exit_on_user_error(*extra: type[Exception]) -> Iterator[None]:
     """Log a :data:`USER_ERRORS` (or ``extra``) exception as ``<type>: <message>``, exit with status 2;
     a :class:`RunInterrupted` run exits with status 143 (:data:`~deforest.safety.EXIT_INTERRUPTED`)."""
+    # a log file on a full or read-only disk must not print a traceback per record ("--- Logging
+    # error ---"): the console still gets every line, the failing write itself is reported once
+    logging.raiseExceptions = False
     try:
         yield
     except RunInterrupted as err:

@@ -24,7 +24,9 @@ from deforest.cli.overrides import checked_overrides
 from deforest.cli.train import CONFIG_PATH, headline_metrics
 from deforest.config_checks import EVAL_CHOICES, EVAL_RULES, check_ranges
 from deforest.datasets import DatasetError
+from deforest.input_check import Allow, check_input, describe_dataset
 from deforest.module import TileClassifier
+from deforest.outputs import write_text_output
 from deforest.report import report_on_split
 from deforest.safety import RunInterrupted, run_dir_lock
 
@@ -45,6 +47,12 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
         raise DatasetError(f"{datamodule.layout.root}: the {cfg.split} split is empty")
     if list(datamodule.tile_size) != list(spec.tile_size):
         log.warning("tiles are %s pixels, the model was trained on %s", datamodule.tile_size, spec.tile_size)
+    # dtype, value scale and pixel size against the contract's, before any tile is scored
+    dataset = datamodule.datasets[cfg.split]
+    check_input(spec, describe_dataset(dataset, datamodule.reference_header,
+                                       datamodule.layout.header_source(dataset.sources[0]),
+                                       f"{datamodule.layout.root} ({cfg.split} tiles)"),
+                Allow.from_config(cfg), "evaluate")
     split = datamodule.input_spec.split
     source = "this config (resplit=true)" if resplit else "the checkpoint"
     log.info("evaluating on the %s split of %s (%s, digest %s)", cfg.split, source, split.kind, split.digest)
@@ -66,7 +74,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
         metrics.update(report_on_split(model, datamodule, cfg.split, output_dir, cfg.report, trainer.loggers,
                                        details, csv_log if csv_log.is_file() else None, checkpoint_epoch(ckpt)))
         output_dir.mkdir(parents=True, exist_ok=True)
-        (output_dir / "metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True))
+        write_text_output(output_dir / "metrics.json", json.dumps(metrics, indent=2, sort_keys=True))
     return metrics
 
 

@@ -14,6 +14,7 @@ from deforest.cli.errors import exit_on_user_error
 from deforest.cli.overrides import checked_overrides
 from deforest.config_checks import PREDICT_CHOICES, PREDICT_RULES, ConfigError, check_ranges, missing_value_problems
 from deforest.datasets import DatasetError
+from deforest.input_check import Allow
 from deforest.mapping import is_earlier_output, predict_scene, predict_tiles, tile_paths
 from deforest.outputs import check_outputs, check_replaceable
 from deforest.scene import Scene
@@ -41,7 +42,7 @@ def predict(cfg: DictConfig) -> dict[str, object]:
         spec = dataclasses.replace(spec, tile_size=[int(cfg.tile_size)] * 2)
     if cfg.get("tiles") is not None:
         _check_outputs(cfg, {"tiles": _tile_inputs(cfg.tiles)}, example="predictions.csv")
-        summary = predict_tiles(model, spec, cfg.tiles, cfg.out, cfg.batch_size)
+        summary = predict_tiles(model, spec, cfg.tiles, cfg.out, cfg.batch_size, allow=Allow.from_config(cfg))
         log.info("wrote predictions for %d tiles to %s (band order %s)", summary["tiles"], cfg.out, summary["band_order"])
         return summary
     scene_paths = None if pair else OmegaConf.to_container(cfg.scene) if OmegaConf.is_list(cfg.scene) else cfg.scene
@@ -55,7 +56,7 @@ def predict(cfg: DictConfig) -> dict[str, object]:
     with Scene(scene_paths) as scene:
         summary = predict_scene(
             model, spec, scene, cfg.out, cfg.stride, cfg.batch_size, cfg.full_resolution,
-            cfg.max_nodata, cfg.dtype, cfg.cog, tags={"checkpoint": str(cfg.ckpt_path)},
+            cfg.max_nodata, cfg.dtype, cfg.cog, tags={"checkpoint": str(cfg.ckpt_path)}, allow=Allow.from_config(cfg),
         )
     log.info("wrote %s: %s", cfg.out, summary)
     return summary
@@ -85,6 +86,7 @@ def _predict_change(cfg: DictConfig, model, spec, pair: list[str]) -> dict[str, 
     summary = predict_change(
         model, spec, pair, cfg.out, cfg.change, stride=cfg.stride, batch_size=cfg.batch_size,
         full_resolution=cfg.full_resolution, max_nodata=cfg.max_nodata, dtype=cfg.dtype, cog=cfg.cog,
+        allow=Allow.from_config(cfg),
         tags={"checkpoint": str(cfg.ckpt_path), "before": str(pair[0]), "after": str(pair[1])},
     )
     hectares = summary["loss_ha"]

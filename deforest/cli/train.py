@@ -31,6 +31,7 @@ from deforest.config_checks import (
 from deforest.contract import InputSpec
 from deforest.datamodule import TileDataModule
 from deforest.module import TileClassifier
+from deforest.outputs import write_text_output
 from deforest.hydra_ddp import ddp_children_join_this_job
 from deforest.report import report_on_split
 from deforest.safety import CheckpointError, RunInterrupted, run_dir_lock
@@ -171,7 +172,8 @@ def _write_records(
     output_dir: Path, metrics: dict[str, Any], cfg: DictConfig, dm: TileDataModule, model: TileClassifier
 ) -> None:
     output_dir.mkdir(parents=True, exist_ok=True)
-    (output_dir / "metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True))
+    # metrics.json marks a finished run: it is written whole, after the report, or not at all
+    write_text_output(output_dir / "metrics.json", json.dumps(metrics, indent=2, sort_keys=True))
     headline = headline_metrics(metrics)
     lines = [
         "# deforest run summary",
@@ -190,9 +192,9 @@ def _write_records(
         *[f"| {k} | {v:.4f} |" for k, v in headline.items()],
         "",
     ]
-    (output_dir / "summary.md").write_text("\n".join(lines))
+    write_text_output(output_dir / "summary.md", "\n".join(lines))
     if dm.bad_tiles:
-        (output_dir / "bad_tiles.json").write_text(json.dumps(dm.bad_tiles.problems, indent=2))
+        write_text_output(output_dir / "bad_tiles.json", json.dumps(dm.bad_tiles.problems, indent=2))
     if headline:
         log.info("metrics: %s", headline)
 
