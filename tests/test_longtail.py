@@ -45,11 +45,14 @@ def test_labels_are_long_tailed(benchmark):
     assert freq[len(freq) // 2] < freq[0] / 2 and np.mean([len(x) for x in labels]) > 2
 
 
-def test_train_and_test_mosaics_come_from_disjoint_real_tiles(benchmark, eurosat_root):
+def test_train_val_and_test_mosaics_come_from_disjoint_real_tiles(benchmark, eurosat_root):
     out, _ = benchmark
     quadrants = _rows(out / "sources.csv")
     sources = {split: {q["source"] for q in quadrants if q["path"].startswith(split + "/")} for split in SIZES}
     assert sources["test"] and not (sources["test"] & (sources["train"] | sources["val"]))
+    # val is disjoint from train too: thresholds and the probability correction fitted on val
+    # must see pixels the network never trained on, as test does
+    assert sources["val"] and not (sources["val"] & sources["train"]), sorted(sources["val"] & sources["train"])[:5]
     assert all(s.startswith("test/") for s in sources["test"]) and all(s.startswith("train/") for s in sources["train"])
     labels = {r["path"]: set(r["labels"].split()) for r in _rows(out / "labels.csv")}
     for q in quadrants[:40] + quadrants[-40:]:  # real pixels, at their source's place on the ground
@@ -87,8 +90,8 @@ def test_a_folder_built_with_other_settings_is_refused_in_one_line(eurosat_root,
                           cwd=REPO, capture_output=True, text=True, timeout=120)
     assert done.returncode == 1
     assert done.stderr.strip().splitlines() == [
-        f"error: {tmp_path / 'a' / 'benchmark.json'}: built with {{'seed': 0, 'sizes': {{'train': 8, 'val': 2, 'test': 2}}, "
-        f"'size': 32, 'decay': 0.65}}, not {{'seed': 1, 'sizes': {{'train': 1500, 'val': 300, 'test': 600}}, 'size': 32, "
+        f"error: {tmp_path / 'a' / 'benchmark.json'}: built with {{'version': 2, 'seed': 0, 'sizes': {{'train': 8, 'val': 2, 'test': 2}}, "
+        f"'size': 32, 'decay': 0.65}}, not {{'version': 2, 'seed': 1, 'sizes': {{'train': 1500, 'val': 300, 'test': 600}}, 'size': 32, "
         f"'decay': 0.65}}; choose another folder or delete it"]
 
 
