@@ -218,6 +218,18 @@ def canonical_band(name: str) -> str:
     return f"{band.strip().upper()}{at}{date}"
 
 
+def match_band_names(wanted: Sequence[str], have: Sequence[str]) -> tuple[list[int] | None, list[str]]:
+    """``(positions, missing)``: the 1-based positions in ``have`` of each of ``wanted``,
+    compared by :func:`canonical_band`, and the names of ``wanted`` that ``have`` lacks.
+    ``positions`` is ``None`` when a name is missing or ``have`` repeats one (its order is
+    then no order); what that means (refusal or reading by position) is the caller's."""
+    keys, have_keys = [canonical_band(n) for n in wanted], [canonical_band(n) for n in have]
+    missing = [name for name, key in zip(wanted, keys) if key not in have_keys]
+    if missing or len(set(have_keys)) != len(have_keys):
+        return None, missing
+    return [have_keys.index(key) + 1 for key in keys], []
+
+
 def resolve_bands(
     bands: Sequence[int | str] | None, band_names: Sequence[str] | None, count: int
 ) -> list[int]:

@@ -34,7 +34,7 @@ from rasterio.windows import Window
 from deforest.contract import InputSpec
 from deforest.datasets import MULTICLASS, TILE_SUFFIXES
 from deforest.input_check import Allow, check_input, describe_scene, describe_tiles
-from deforest.io import TileError, canonical_band, pixel_reads, read_header, read_raster
+from deforest.io import TileError, match_band_names, pixel_reads, read_header, read_raster
 from deforest.outputs import atomic_output, read_back_raster
 from deforest.scene import Scene
 
@@ -63,15 +63,13 @@ def match_bands(spec: InputSpec, names: Sequence[str | None], count: int, source
     if spec.band_names and len(names) == count and all(names):
         names = list(names)
         # compared in one spelling (B1 = B01 = b01), as training selected and excluded them
-        wanted, have = [canonical_band(n) for n in spec.band_names], [canonical_band(n) for n in names]
-        missing = [n for n, c in zip(spec.band_names, wanted) if c not in have]
-        if missing or len(set(have)) != len(have):
+        bands, missing = match_band_names(spec.band_names, names)
+        if bands is None:
             raise TileError(
                 source,
                 f"has bands {names}; the checkpoint needs {spec.band_names} in this order ({missing or 'repeated names'} "
                 "do not match): reorder or rename the bands",
             )
-        bands = [have.index(c) + 1 for c in wanted]
         note = f"matched by name: {spec.band_names} are bands {bands}"
         log.info("%s: band order %s", source, note)
         return replace(spec, bands=bands), note

@@ -25,7 +25,7 @@ import numpy as np
 
 # torch is imported where a batch is built, not here: the nodata rules below serve the
 # torch-free prediction path (deforest.mapping, deforest-predict on an ONNX model) too
-from deforest.io import SUPPORTED_DTYPES, RasterHeader, TileError, canonical_band
+from deforest.io import SUPPORTED_DTYPES, RasterHeader, TileError, canonical_band, match_band_names
 
 log = logging.getLogger(__name__)
 
@@ -159,16 +159,13 @@ def band_order(path: str, header: RasterHeader, names: Sequence[str] | None) -> 
         return None
     if tuple(described) == tuple(names):  # the common case, without a regex per band
         return None if len(set(names)) != len(names) else list(range(1, len(names) + 1))
-    wanted = [canonical_band(name) for name in names]
-    if len(set(wanted)) != len(wanted):
+    if len({canonical_band(name) for name in names}) != len(names):
         return None
-    have = [canonical_band(name) for name in described]
-    for name, key in zip(names, wanted):
-        if key not in have:
-            raise TileError(path, f"has no band {name} (its bands: {', '.join(described)})")
-    if len(set(have)) != len(have):  # names that repeat tell no order (possible for a subset of names only)
-        return None
-    return [have.index(key) + 1 for key in wanted]
+    # the tile's names that repeat tell no order (possible for a subset of names only): None
+    positions, missing = match_band_names(names, described)
+    if missing:
+        raise TileError(path, f"has no band {missing[0]} (its bands: {', '.join(described)})")
+    return positions
 
 
 def constant_tile(image: np.ndarray, valid: np.ndarray | None) -> str | None:
