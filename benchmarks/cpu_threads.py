@@ -33,8 +33,8 @@ import numpy as np
 import rasterio
 
 from deforest.cli import OPENMP_WAIT_VARIABLES
-from deforest.cpu import THREAD_VARIABLES
-from deforest.safety import atomic_write_text
+from deforest.core.cpu import THREAD_VARIABLES
+from deforest.core.outputs import write_text_output
 
 REPO = Path(__file__).resolve().parents[1]
 SCENE = REPO / "data" / "scenes" / "rondonia-landsat8" / "LC08_232066_20190727.tif"
@@ -174,7 +174,7 @@ def main() -> None:
     results["_run"] = {"command": " ".join(sys.argv), "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(started)),
                        "cores": cores(), "machine": platform.processor() or platform.machine(),
                        "python": platform.python_version(), "seconds": round(time.time() - started, 1)}
-    atomic_write_text(args.out, json.dumps(results, indent=2))
+    write_text_output(args.out, json.dumps(results, indent=2))
     print(table(results))
     print(f"wrote {args.out}")
 

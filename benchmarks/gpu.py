@@ -31,7 +31,7 @@ from torch.utils.data import DataLoader, Dataset
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from run import TORCHGEO_TIFS, copy_eurosat  # noqa: E402
 
-from deforest.build import build_datamodule, build_model, trainer_options  # noqa: E402
+from deforest.runs.build import build_datamodule, build_model, trainer_options  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -28,10 +28,10 @@ import numpy as np
 import rasterio
 import torch
 
-from deforest.losses import DynamicWeightedLoss
-from deforest.models import BandStatistics, build_backbone
-from deforest.splits import iterative_stratification
-from deforest.transforms import BandNormalizer, d4_views, random_d4
+from deforest.training.losses import DynamicWeightedLoss
+from deforest.models.networks import BandStatistics, build_backbone
+from deforest.data.splits import iterative_stratification
+from deforest.data.transforms import BandNormalizer, d4_views, random_d4
 
 REPO = Path(__file__).resolve().parents[1]
 HEADS = ("cnn", "band_statistics", "average")

@@ -39,9 +39,10 @@ def make_tree(root: Path, size: int) -> None:
 
 
 def measure(work: Path, size: int, workers: int) -> dict:
-    from deforest.datasets import BigEarthNetLayout
-    from deforest.datamodule import TileDataModule
-    from deforest.pack import fingerprint, pack_dataset
+    from deforest.data.bigearthnet import BigEarthNetLayout
+    from deforest.data.datamodule import TileDataModule
+    from deforest.data.stores.format import fingerprint
+    from deforest.data.stores.packing import pack_dataset
 
     root = work / f"ben-{size}"
     if not root.is_dir():
@@ -57,7 +58,7 @@ def measure(work: Path, size: int, workers: int) -> dict:
     pack_dataset(layout, out, num_workers=workers, shard_tiles=512)
     pack_s = time.perf_counter() - start - index_s  # pack_dataset indexes again first
     start = time.perf_counter()  # a second start of training: everything from the pack
-    TileDataModule(None, packed=str(out), validate="quick").setup("fit")
+    TileDataModule.from_keys(None, packed=str(out), validate="quick").setup("fit")
     second_start_s = time.perf_counter() - start
     shutil.rmtree(out)
     return {"index_s": index_s, "pack_s": pack_s, "second_start_s": second_start_s}

@@ -45,7 +45,7 @@ def deforest_loader(tif_root: Path, cache: Path, packed: Path | str | None,
     """The project's training DataLoader (1 worker) over every tile but a 1% validation share."""
     from hydra import compose, initialize_config_module
 
-    from deforest.build import build_datamodule
+    from deforest.runs.build import build_datamodule
 
     overrides = [
         f"data.root={tif_root}", f"paths.cache_dir={cache}", f"data.batch_size={BATCH}", "data.num_workers=1",

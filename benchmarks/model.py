@@ -2,7 +2,7 @@
 
 * ``weighting``: seconds per training step (resnet18, 13x64x64) with the dynamic weighted
   loss and with plain cross-entropy, interleaved so load changes hit both alike;
-* ``predict``: windows/s of ``deforest.predict.predict_scene`` and of the model's forward
+* ``predict``: windows/s of ``deforest.mapping.predict.predict_scene`` and of the model's forward
   pass alone on the same windows already in memory;
 * ``rss``: peak resident memory of predicting one scene (one process per scene size);
 * ``epoch``: seconds per epoch of the default experiment (``deforest-train`` defaults).
@@ -20,8 +20,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from deforest.losses import DynamicWeightedLoss
-from deforest.models import build_backbone
+from deforest.training.losses import DynamicWeightedLoss
+from deforest.models.networks import build_backbone
 
 BANDS = 4  # synthetic scenes: four bands keep the 8192 px file small; speed depends on pixels
 
@@ -77,20 +77,20 @@ def weighting(batch: int, size: int, reps: int) -> dict:
 
 
 def _model(width: int):
-    from deforest.contract import Normalization, untrained_spec
-    from deforest.module import TileClassifier
+    from deforest.core.contract import Normalization, untrained_spec
+    from deforest.training.module import TileClassifier
 
     norm = Normalization([500.0] * BANDS, [100.0] * BANDS, transform="scale")
     spec = untrained_spec("multiclass", [f"c{i}" for i in range(10)], BANDS, 64, normalization=norm)
-    return TileClassifier(spec, width=width).eval(), spec
+    return TileClassifier.from_keys(spec, width=width).eval(), spec
 
 
 def predict(scene_path: Path, out: Path, width: int, reps: int, batch: int) -> dict:
     """The predictor against ``predict_proba`` on the same windows (no reading, no writing)."""
     import rasterio
 
-    from deforest.predict import predict_scene
-    from deforest.scene import Scene
+    from deforest.mapping.predict import predict_scene
+    from deforest.mapping.scene import Scene
 
     torch.manual_seed(0)
     model, spec = _model(width)
@@ -124,8 +124,8 @@ def predict(scene_path: Path, out: Path, width: int, reps: int, batch: int) -> d
 
 
 def rss(scene_path: Path, out: Path, width: int, batch: int) -> dict:
-    from deforest.predict import predict_scene
-    from deforest.scene import Scene
+    from deforest.mapping.predict import predict_scene
+    from deforest.mapping.scene import Scene
 
     model, spec = _model(width)
     with Scene(scene_path) as scene:
@@ -139,7 +139,7 @@ def epoch(work: Path, epochs: int, limit_batches: int | None) -> dict:
     from hydra import compose, initialize_config_module
     from hydra.utils import instantiate
 
-    from deforest.build import build_datamodule, build_model, trainer_options
+    from deforest.runs.build import build_datamodule, build_model, trainer_options
 
     repo = Path(__file__).resolve().parents[1]
     overrides = [f"paths.root_dir={repo}", f"paths.cache_dir={work / 'cache'}", f"trainer.max_epochs={epochs}",

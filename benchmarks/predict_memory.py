@@ -1,6 +1,6 @@
 """Peak memory of full-resolution prediction across a Sentinel-2 tile's width, stride 1 vs 16.
 
-What is measured: ``deforest.predict.predict_scene(full_resolution=True)`` on a synthetic
+What is measured: ``deforest.mapping.predict.predict_scene(full_resolution=True)`` on a synthetic
 13-band uint16 GeoTIFF **10,980 px wide** (a Sentinel-2 tile's width) and ``tile + 16`` rows
 high, i.e. the first 17 rows of windows at stride 1 (2 at stride 16), with an untrained
 ``small_cnn`` (width 8, 10 classes, no TTA) on 16 px windows (``--tile``; Landsat-sized, so
@@ -62,15 +62,16 @@ def child(scene_path: Path, stride: int, out: Path, batch: int, tile: int) -> di
     """One prediction in this (fresh) process: its peak traced and resident memory."""
     import torch
 
-    from deforest.contract import Normalization, untrained_spec
-    from deforest.module import TileClassifier
-    from deforest.predict import predict_scene, window_starts
-    from deforest.scene import Scene
+    from deforest.core.contract import Normalization, untrained_spec
+    from deforest.training.module import TileClassifier
+    from deforest.mapping.predict import predict_scene
+    from deforest.mapping.scene import Scene
+    from deforest.mapping.sliding import window_starts
 
     torch.manual_seed(0)
     norm = Normalization([500.0] * BANDS, [100.0] * BANDS, transform="scale")
     spec = untrained_spec("multiclass", [f"c{i}" for i in range(CLASSES)], BANDS, tile, normalization=norm)
-    model = TileClassifier(spec, width=8, tta=False).eval()
+    model = TileClassifier.from_keys(spec, width=8, tta=False).eval()
     with torch.inference_mode():  # the network's first-call allocations are not the blending's
         model.predict_proba(torch.zeros(batch, BANDS, tile, tile))
     before = _rss_mb()

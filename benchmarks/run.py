@@ -31,7 +31,7 @@ import numpy as np
 import rasterio
 from rasterio.transform import from_origin
 
-from deforest.safety import atomic_write_text
+from deforest.core.outputs import write_text_output
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
@@ -328,7 +328,7 @@ def main() -> None:
         work = args.work or Path(tmp)
         work.mkdir(parents=True, exist_ok=True)
         results = run(sizes, work)
-    atomic_write_text(args.out, json.dumps(results, indent=2))
+    write_text_output(args.out, json.dumps(results, indent=2))
     print(table(results))
     print(f"\nwritten to {args.out}")
 

@@ -26,7 +26,7 @@ import torch
 from hydra import compose, initialize_config_module
 from hydra.utils import instantiate
 
-from deforest.build import build_datamodule, build_model, trainer_options
+from deforest.runs.build import build_datamodule, build_model, trainer_options
 
 
 class StepTimer(pl.Callback):

@@ -7,7 +7,7 @@ click, attrs and certifi, but none of the project's raster, config or augmentati
 dependencies, and nothing can be downloaded there. What the check needs beyond that travels
 as wheels in ``.whl/`` beside the checkout (:data:`CARRIED_WHEELS`, fetched by
 scripts/gpu-wheels.sh); everything in :data:`BARE_MISSING` stays behind, so nothing the check
-runs may import it (tests/test_gpu_payload.py runs the check with those imports refused).
+runs may import it (tests/project/test_gpu_payload.py runs the check with those imports refused).
 The checkout and the wheels travel together, at most :data:`LIMIT` bytes.
 
     python scripts/gpu_payload.py --dry-run        # every file that travels, sizes, the total; exit 1 over 64 MiB
@@ -54,8 +54,8 @@ CARRIED_MODULES = ("rasterio", "affine", "hydra", "omegaconf", "antlr4")
 BARE_MISSING = (
     "albumentations", "albucore", "stringzilla", "simsimd", "pydantic", "pydantic_core", "annotated_types",
     "typing_inspection",  # albumentations and its dependencies: 8 MB of wheels that would not fit
-    "pyogrio", "shapely",  # vector labels and areas (deforest.labelling, deforest.area): 33 MB of wheels
-    "zarr", "s3fs", "aiobotocore", "botocore", "boto3", "moto",  # packs in object storage (deforest.stream)
+    "pyogrio", "shapely",  # vector labels and areas (deforest.mapping.labelling, reference_sample, sampling_design): 33 MB of wheels
+    "zarr", "s3fs", "aiobotocore", "botocore", "boto3", "moto",  # packs in object storage (deforest.data.stores.remote)
     "torchgeo",  # model.weights=<TorchGeo name>
     "cligj", "click_plugins",  # rasterio's `rio` command line only, not its library
 )

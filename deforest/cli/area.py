@@ -17,24 +17,19 @@ import hydra
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import MissingMandatoryValue
 
-from deforest.area import (
-    AreaError,
-    allocate,
-    assess,
-    draw_sample,
-    map_class_areas,
-    sample_markdown,
-    write_sample,
-)
 from deforest.cli.errors import exit_on_user_error
 from deforest.cli.overrides import checked_overrides
-from deforest.config_checks import ConfigError
-from deforest.outputs import check_outputs
+from deforest.core.errors import ConfigError
+from deforest.core.outputs import check_outputs
+from deforest.core.vocabulary import CONFIG_PATH
+from deforest.mapping.area import AreaError
+from deforest.mapping.reference_sample import assess
+from deforest.mapping.sampling_design import allocate, draw_sample, sample_markdown, write_sample
+from deforest.mapping.strata import map_class_areas
 
 log = logging.getLogger(__name__)
 
 # not imported from deforest.cli.train: the area needs no torch, and starts faster without it
-CONFIG_PATH = "pkg://deforest.conf"
 #: first arguments naming the action (``deforest-area sample ...``); the config key is ``action``
 ACTIONS = ("estimate", "sample")
 

@@ -14,11 +14,11 @@ from omegaconf.errors import MissingMandatoryValue
 
 from deforest.cli.errors import exit_on_user_error
 from deforest.cli.overrides import checked_overrides
-from deforest.compare import write_comparison
+from deforest.core.vocabulary import CONFIG_PATH
+from deforest.runs.compare import write_comparison
 
 log = logging.getLogger(__name__)
 
-CONFIG_PATH = "pkg://deforest.conf"
 
 
 def compare(cfg: DictConfig) -> None:

@@ -10,11 +10,9 @@ from contextlib import contextmanager
 
 from hydra.errors import InstantiationException
 
-from deforest.config_checks import ConfigError
-from deforest.datasets import DatasetError
-from deforest.io import TileError
-from deforest.outputs import OutputError
-from deforest.safety import EXIT_INTERRUPTED, CheckpointError, RunDirLocked, RunInterrupted
+from deforest.core.errors import ConfigError, DatasetError, TileError
+from deforest.core.outputs import OutputError
+from deforest.core.safety import EXIT_INTERRUPTED, CheckpointError, RunDirLocked, RunInterrupted
 
 log = logging.getLogger(__name__)
 
@@ -26,7 +24,7 @@ EXIT_USER_ERROR = 2
 @contextmanager
 def exit_on_user_error(*extra: type[Exception]) -> Iterator[None]:
     """Log a :data:`USER_ERRORS` (or ``extra``) exception as ``<type>: <message>``, exit with status 2;
-    a :class:`RunInterrupted` run exits with status 143 (:data:`~deforest.safety.EXIT_INTERRUPTED`)."""
+    a :class:`RunInterrupted` run exits with status 143 (:data:`~deforest.core.safety.EXIT_INTERRUPTED`)."""
     # a log file on a full or read-only disk must not print a traceback per record ("--- Logging
     # error ---"): the console still gets every line, the failing write itself is reported once
     logging.raiseExceptions = False

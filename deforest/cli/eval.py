@@ -17,18 +17,19 @@ import hydra
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig
 
-from deforest.build import build_datamodule, build_trainer, use_cpu_settings
-from deforest.checkpoints import checkpoint_epoch
 from deforest.cli.errors import exit_on_user_error
 from deforest.cli.overrides import checked_overrides
-from deforest.cli.train import CONFIG_PATH, headline_metrics
-from deforest.config_checks import EVAL_CHOICES, EVAL_RULES, check_ranges
-from deforest.datasets import DatasetError
-from deforest.input_check import Allow, check_input, describe_dataset
-from deforest.module import TileClassifier
-from deforest.outputs import write_text_output
-from deforest.report import report_on_split
-from deforest.safety import RunInterrupted, run_dir_lock
+from deforest.cli.train import headline_metrics
+from deforest.core.errors import DatasetError
+from deforest.core.outputs import write_text_output
+from deforest.core.safety import RunInterrupted, run_dir_lock
+from deforest.core.vocabulary import CONFIG_PATH
+from deforest.data.input_check import Allow, check_input, describe_dataset
+from deforest.runs.build import build_datamodule, build_trainer, use_cpu_settings
+from deforest.runs.config_checks import EVAL_CHOICES, EVAL_RULES, check_ranges
+from deforest.runs.report import report_on_split
+from deforest.training.checkpoints import checkpoint_epoch
+from deforest.training.module import TileClassifier
 
 log = logging.getLogger(__name__)
 

@@ -9,10 +9,11 @@ from omegaconf import DictConfig
 
 from deforest.cli.errors import exit_on_user_error
 from deforest.cli.overrides import checked_overrides
-from deforest.cli.train import CONFIG_PATH
-from deforest.config_checks import ConfigError, choice_problems, missing_value_problems
-from deforest.export import FORMATS
-from deforest.export import export as write
+from deforest.core.errors import ConfigError
+from deforest.core.vocabulary import CONFIG_PATH
+from deforest.mapping.export import FORMATS
+from deforest.mapping.export import export as write
+from deforest.runs.config_checks import choice_problems, missing_value_problems
 
 log = logging.getLogger(__name__)
 

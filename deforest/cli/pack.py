@@ -13,9 +13,9 @@ from omegaconf import DictConfig
 
 from deforest.cli.errors import exit_on_user_error
 from deforest.cli.overrides import checked_overrides
-from deforest.cli.train import CONFIG_PATH
-from deforest.outputs import check_outputs
-from deforest.pack import PackResult, check_pack, pack_dataset
+from deforest.core.outputs import check_outputs
+from deforest.core.vocabulary import CONFIG_PATH
+from deforest.data.stores.packing import PackResult, check_pack, pack_dataset
 
 log = logging.getLogger(__name__)
 
@@ -38,7 +38,7 @@ def pack(cfg: DictConfig) -> PackResult | None:
     local = Path(cfg.paths.cache_dir) / "packs" / hashlib.sha256(str(cfg.out).encode()).hexdigest()[:16] if remote else cfg.out
     result = pack_dataset(layout, local, progress=progress, num_workers=cfg.num_workers, shard_tiles=cfg.shard_tiles)
     if remote:
-        from deforest.stream import upload_pack  # the stream extra
+        from deforest.data.stores.remote import upload_pack  # the stream extra
 
         upload_pack(local, str(cfg.out), chunk_tiles=cfg.chunk_tiles)
         log.info("uploaded %s to %s", local, cfg.out)

@@ -9,22 +9,24 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from deforest.change import default_change_out, is_dated, pair_paths, predict_change
 from deforest.cli.errors import exit_on_user_error
 from deforest.cli.overrides import checked_overrides
-from deforest.config_checks import PREDICT_CHOICES, PREDICT_RULES, ConfigError, check_ranges, missing_value_problems
-from deforest.datasets import DatasetError
-from deforest.input_check import Allow
-from deforest.mapping import is_earlier_output, predict_scene, predict_tiles, tile_paths
-from deforest.outputs import check_outputs, check_replaceable
-from deforest.scene import Scene
-from deforest.serve import load_model
+from deforest.core.errors import ConfigError, DatasetError
+from deforest.core.outputs import check_outputs, check_replaceable
+from deforest.core.vocabulary import CONFIG_PATH
+from deforest.data.input_check import Allow
+from deforest.data.pairs import is_dated
+from deforest.mapping.change import default_change_out, pair_paths, predict_change
+from deforest.mapping.scene import Scene
+from deforest.mapping.serve import load_model
+from deforest.mapping.sliding import predict_scene, predict_tiles, tile_paths
+from deforest.mapping.writer import is_earlier_output
+from deforest.runs.config_checks import PREDICT_CHOICES, PREDICT_RULES, check_ranges, missing_value_problems
 
 log = logging.getLogger(__name__)
 
 # deforest.cli.train's, not imported from there: it imports torch, and an ONNX model (ckpt_path=*.onnx)
 # is predicted without it
-CONFIG_PATH = "pkg://deforest.conf"
 
 
 def predict(cfg: DictConfig) -> dict[str, object]:

@@ -9,22 +9,23 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from deforest.change import tile_pair
 from deforest.cli.errors import exit_on_user_error
 from deforest.cli.overrides import checked_overrides
-from deforest.config_checks import TILE_CHOICES, TILE_RULES, ConfigError, check_ranges
-from deforest.labelling import RasterLabels, VectorLabels
-from deforest.outputs import check_outputs, check_replaceable
-from deforest.scene import Scene
-from deforest.tiling import MANIFEST_COLUMNS, Labeller, TilingReport, tile_scene
+from deforest.core.errors import ConfigError
+from deforest.core.outputs import check_outputs, check_replaceable
+from deforest.core.vocabulary import CONFIG_PATH
+from deforest.mapping.change import tile_pair
+from deforest.mapping.labelling import RasterLabels, VectorLabels
+from deforest.mapping.scene import Scene
+from deforest.mapping.tiling import MANIFEST_COLUMNS, Labeller, TilingReport, tile_scene
+from deforest.runs.config_checks import TILE_CHOICES, TILE_RULES, check_ranges
 
 log = logging.getLogger(__name__)
 
-#: the header of the pairs.csv that deforest-tile before=/after= writes (deforest.change.tile_pair)
+#: the header of the pairs.csv that deforest-tile before=/after= writes (deforest.mapping.change.tile_pair)
 PAIR_COLUMNS_WRITTEN = ("before", "after", "labels", *[c for c in MANIFEST_COLUMNS if c not in ("path", "labels")])
 
 # not imported from deforest.cli.train: tiling needs no torch, and starts faster without it
-CONFIG_PATH = "pkg://deforest.conf"
 
 
 def build_labeller(cfg: DictConfig, scene: Scene) -> Labeller | None:
@@ -94,7 +95,7 @@ def _header(path: Path) -> list[str]:
 
 
 def _tile_pair(cfg: DictConfig) -> dict[str, object]:
-    """before=/after=: the same windows of both dates and ``pairs.csv`` (:func:`deforest.change.tile_pair`)."""
+    """before=/after=: the same windows of both dates and ``pairs.csv`` (:func:`deforest.mapping.change.tile_pair`)."""
     if cfg.get("before") is None or cfg.get("after") is None:
         raise ConfigError("give both before=PATH and after=PATH to tile a pair of dates")
     if not OmegaConf.is_missing(cfg, "scene"):

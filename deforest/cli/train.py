@@ -14,33 +14,33 @@ from hydra.utils import get_method
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig
 
-from deforest.build import build_datamodule, build_model, build_trainer, use_cpu_settings
-from deforest.callbacks import SaveOnSigterm
-from deforest.checkpoints import checkpoint_epoch, checkpoint_problem
 from deforest.cli.errors import exit_on_user_error
 from deforest.cli.overrides import checked_overrides
-from deforest.config_checks import (
+from deforest.core.contract import InputSpec
+from deforest.core.errors import ConfigError
+from deforest.core.outputs import write_text_output
+from deforest.core.safety import CheckpointError, RunInterrupted, run_dir_lock
+from deforest.core.vocabulary import CONFIG_PATH
+from deforest.data.datamodule import TileDataModule
+from deforest.data.transforms import AugmentationError
+from deforest.models.weights import WeightsError
+from deforest.runs.build import build_datamodule, build_model, build_trainer, use_cpu_settings
+from deforest.runs.callbacks import SaveOnSigterm
+from deforest.runs.config_checks import (
     TRAIN_RULES,
-    ConfigError,
     choice_problems,
     epoch_limit_problems,
     missing_value_problems,
     range_problems,
     train_choices,
 )
-from deforest.contract import InputSpec
-from deforest.datamodule import TileDataModule
-from deforest.module import TileClassifier
-from deforest.outputs import write_text_output
-from deforest.hydra_ddp import ddp_children_join_this_job
-from deforest.report import report_on_split
-from deforest.safety import CheckpointError, RunInterrupted, run_dir_lock
-from deforest.transforms import AugmentationError
-from deforest.weights import WeightsError
+from deforest.runs.hydra_ddp import ddp_children_join_this_job
+from deforest.runs.report import report_on_split
+from deforest.training.checkpoints import checkpoint_epoch, checkpoint_problem
+from deforest.training.module import TileClassifier
 
 log = logging.getLogger(__name__)
 
-CONFIG_PATH = "pkg://deforest.conf"
 
 
 def check_train_config(cfg: DictConfig) -> None:
@@ -151,12 +151,12 @@ def resume_path(ckpt_path: str | None, output_dir: Path) -> str | None:
     return None
 
 
-HEADLINE = ("accuracy", "f1_macro", "f1_micro", "map")
+PRINTED_METRICS = ("accuracy", "f1_macro", "f1_micro", "map")
 
 
 def headline_metrics(metrics: dict[str, Any], split: str = "test") -> dict[str, float]:
     """The few numbers a run is judged by, as the console and ``summary.md`` show them."""
-    return {f"{split}/{k}": round(float(metrics[f"{split}/{k}"]), 4) for k in HEADLINE if f"{split}/{k}" in metrics}
+    return {f"{split}/{k}": round(float(metrics[f"{split}/{k}"]), 4) for k in PRINTED_METRICS if f"{split}/{k}" in metrics}
 
 
 def band_lines(spec: InputSpec, statistics_head: bool) -> list[str]:
