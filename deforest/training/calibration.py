@@ -26,6 +26,11 @@ ECE_BINS = 15
 #: Strength of the pull of each bias towards 0, in pseudo-tiles: keeps a label that validation
 #: shows no positive of (or only positives) from getting an unbounded bias.
 BIAS_PRIOR_TILES = 1.0
+#: Standard deviation of the Gaussian prior on ``log T`` (centred on T = 1). A validation split
+#: the model gets entirely right lowers the log-loss without end as T -> 0, and a few dozen
+#: tiles move T by sampling noise alone; the prior keeps both near 1 while a few hundred tiles
+#: of a truly over- or under-confident model outweigh it.
+TEMPERATURE_PRIOR_SD = 0.2
 
 
 def calibration_errors(task: str, probs: Tensor, target: Tensor, n_bins: int = ECE_BINS) -> dict[str, Tensor]:
@@ -54,7 +59,8 @@ def probabilities(task: str, scores: Tensor) -> Tensor:
 def fit_calibration(task: str, scores: Tensor, target: Tensor, steps: int = 100) -> tuple[Tensor, Tensor]:
     """``(T [], b [C])`` minimising the validation log-loss (cross-entropy or BCE) of
     ``scores / T + b`` (multi-class: ``b = 0``), plus a Gaussian pull of each bias towards 0 worth
-    :data:`BIAS_PRIOR_TILES` tiles. The identity when there are no tiles."""
+    :data:`BIAS_PRIOR_TILES` tiles and a Gaussian prior on ``log T`` (:data:`TEMPERATURE_PRIOR_SD`).
+    The identity when there are no tiles."""
     scores = scores.detach().float().cpu()
     target = target.detach().cpu()
     c = scores.shape[1]
@@ -73,7 +79,8 @@ def fit_calibration(task: str, scores: Tensor, target: Tensor, steps: int = 100)
             loss = torch.nn.functional.cross_entropy(z, target.long(), reduction="sum")
         else:
             loss = torch.nn.functional.binary_cross_entropy_with_logits(z, target.float(), reduction="sum")
-        loss = (loss + 0.5 * BIAS_PRIOR_TILES * (bias**2).sum()) / n
+        prior = 0.5 * BIAS_PRIOR_TILES * (bias**2).sum() + 0.5 * (log_t / TEMPERATURE_PRIOR_SD) ** 2
+        loss = (loss + prior) / n
         loss.backward()
         return loss
 

@@ -41,6 +41,37 @@ def test_fit_recovers_a_known_shift():
     assert float(bias) == pytest.approx(-1.0, abs=0.06)
 
 
+@pytest.mark.parametrize("task", ["multiclass", "multilabel"])
+def test_a_validation_set_without_a_mistake_does_not_make_the_model_certain(task):
+    """Twenty validation tiles, every one right (a small or easy validation split): the log-loss
+    falls as T -> 0 without end, and an unbounded fit made every later probability 0 or 1."""
+    g = torch.Generator().manual_seed(0)
+    z = torch.randn(20, 10, generator=g)
+    y = z.argmax(dim=1) if task == "multiclass" else (z > 0).long()
+    temperature, _ = fit_calibration(task, z, y)
+    assert 0.25 <= float(temperature) < 1.0
+
+
+def test_a_small_calibrated_validation_set_keeps_the_temperature_near_one():
+    """Labels drawn from the model's own softmax (it is calibrated): on 20 tiles the fit stays
+    within 25% of T = 1 for every draw, where sampling noise alone moved it to 0.59."""
+    temperatures = []
+    for seed in range(20):
+        g = torch.Generator().manual_seed(seed)
+        z = torch.randn(20, 10, generator=g) * 3
+        y = torch.multinomial(z.softmax(dim=1), 1, generator=g).squeeze(1)
+        temperatures.append(float(fit_calibration("multiclass", z, y)[0]))
+    assert 0.75 <= min(temperatures) and max(temperatures) <= 1.25
+
+
+def test_many_tiles_outweigh_the_temperature_prior():
+    """2000 tiles of a model twice too confident: the fit finds T = 2 despite the prior."""
+    g = torch.Generator().manual_seed(1)
+    z = torch.randn(2000, 10, generator=g) * 3
+    y = torch.multinomial((z / 2).softmax(dim=1), 1, generator=g).squeeze(1)
+    assert float(fit_calibration("multiclass", z, y)[0]) == pytest.approx(2.0, rel=0.1)
+
+
 @pytest.fixture(scope="module")
 def balanced_run(tmp_path_factory, bigearthnet_root):
     """15 epochs of the multi-label head with ``balanced`` weights, which lift the rare labels'
