@@ -162,7 +162,7 @@ def headline_metrics(metrics: dict[str, Any], split: str = "test") -> dict[str, 
 def band_lines(spec: InputSpec, statistics_head: bool) -> list[str]:
     """``summary.md`` lines naming the loaded bands and the ones the network sees."""
     names = spec.band_names or [f"band {b}" for b in spec.bands]
-    seen = names if spec.network_bands is None else [names[i] for i in spec.network_bands]
+    seen = names if spec.network.bands is None else [names[i] for i in spec.network.bands]
     head = "; the band-statistics head sees every band" if statistics_head else ""
     return [f"- bands: {', '.join(names)} ({len(names)})",
             f"- the network sees: {', '.join(seen)} ({len(seen)}){head}"]

@@ -90,42 +90,81 @@ def split_digest(lists: Mapping[str, Sequence[str]]) -> str:
 
 
 @dataclass(frozen=True)
-class InputSpec:
-    """Everything a model expects of its input and says about its output.
+class SourceRecord:
+    """What the training files were: eval and predict compare an input with it before inference."""
 
-    ``bands`` are 1-based indexes into the source files (in the order the model sees them);
-    ``band_names`` their names when the files or the data config name them (prediction
-    then matches scene bands by name). ``network_bands`` are positions among ``bands``
-    that the CNN sees (``None``: all); ``input_pool`` the average-pooling factor applied
-    before the network.
-    """
-
-    task: str
-    class_names: list[str]
-    bands: list[int]
-    source_band_count: int
-    source_dtype: str
-    nodata: float | None
-    normalization: Normalization
-    tile_size: list[int]
-    band_names: list[str] | None = None
-    network_bands: list[int] | None = None
-    input_pool: int = 1
-    thresholds: list[float] | None = None
-    split: SplitRecord | None = None
-    #: per band of ``bands``, the 2nd and 98th percentiles of the training pixels' raw values
-    #: (``None``: not recorded, nothing compared); eval and predict compare an input's scale with them
+    #: bands in each training file (eval and predict refuse another count)
+    band_count: int
+    #: their dtype (named on both sides of a scale check)
+    dtype: str
+    #: per band of ``InputSpec.bands``, the 2nd and 98th percentiles of the training pixels' raw
+    #: values (``None``: not recorded, nothing compared)
     value_low: list[float] | None = None
     value_high: list[float] | None = None
     #: ``[x, y]`` pixel size of the training tiles in ``pixel_units`` (``m`` or ``deg``);
     #: ``None`` when the tiles have no georeference
     pixel_size: list[float] | None = None
     pixel_units: str | None = None
-    #: the probability correction fitted on validation (:mod:`deforest.training.calibration`): the
-    #: probabilities are those of ``logits / calibration_temperature + calibration_bias``;
-    #: ``None``: none fitted (older checkpoints), the raw probabilities
-    calibration_temperature: float | None = None
-    calibration_bias: list[float] | None = None
+
+
+@dataclass(frozen=True)
+class NetworkInput:
+    """What the CNN sees of the input: ``bands`` are positions among ``InputSpec.bands``
+    (``None``: all; the band-statistics head always sees every band), ``pool`` the
+    average-pooling factor applied before the network."""
+
+    bands: list[int] | None = None
+    pool: int = 1
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """The probability correction fitted on validation (:mod:`deforest.training.calibration`):
+    the probabilities are those of ``logits / temperature + bias`` (one bias per class)."""
+
+    temperature: float
+    bias: list[float]
+
+
+#: the contract's flat keys of checkpoints and exports written before the sub-records, by the
+#: sub-record and field they fill
+_FLAT_KEYS = {
+    "source_band_count": ("source", "band_count"),
+    "source_dtype": ("source", "dtype"),
+    "value_low": ("source", "value_low"),
+    "value_high": ("source", "value_high"),
+    "pixel_size": ("source", "pixel_size"),
+    "pixel_units": ("source", "pixel_units"),
+    "network_bands": ("network", "bands"),
+    "input_pool": ("network", "pool"),
+    "calibration_temperature": ("calibration", "temperature"),
+    "calibration_bias": ("calibration", "bias"),
+}
+
+
+@dataclass(frozen=True)
+class InputSpec:
+    """Everything a model expects of its input and says about its output.
+
+    ``bands`` are 1-based indexes into the source files (in the order the model sees them);
+    ``band_names`` their names when the files or the data config name them (prediction
+    then matches scene bands by name). ``source`` records what the training files were,
+    ``network`` which of ``bands`` the CNN sees and how they are pooled, ``calibration``
+    the fitted probability correction (``None``: none fitted, the raw probabilities).
+    """
+
+    task: str
+    class_names: list[str]
+    bands: list[int]
+    source: SourceRecord
+    nodata: float | None
+    normalization: Normalization
+    tile_size: list[int]
+    band_names: list[str] | None = None
+    network: NetworkInput = field(default_factory=NetworkInput)
+    thresholds: list[float] | None = None
+    split: SplitRecord | None = None
+    calibration: Calibration | None = None
 
     def __post_init__(self) -> None:
         if len(self.normalization.mean) != len(self.bands):
@@ -169,13 +208,35 @@ class InputSpec:
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> InputSpec:
-        data = dict(data)
+        """The contract from :meth:`to_dict`'s form, or from the flat form of older checkpoints and
+        exports. A key it does not know is a ``TypeError`` naming it (the checkpoint is refused)."""
+        data = _nested(data)
         data["normalization"] = Normalization(**data["normalization"])
-        if data.get("split") is not None:
-            data["split"] = SplitRecord(**data["split"])
+        for key, record in (("source", SourceRecord), ("network", NetworkInput), ("split", SplitRecord),
+                            ("calibration", Calibration)):
+            if isinstance(data.get(key), Mapping):
+                data[key] = record(**data[key])
         if data.get("nodata") == "nan":
             data["nodata"] = float("nan")
         return cls(**data)
+
+
+def _nested(data: Mapping[str, Any]) -> dict[str, Any]:
+    """``data`` with the flat keys of the earlier layout sorted into their sub-records. A flat key
+    beside its nested record is left where it is, so the constructor refuses it."""
+    data = dict(data)
+    groups: dict[str, dict[str, Any]] = {}
+    for key, (group, name) in _FLAT_KEYS.items():
+        if key in data and group not in data:
+            groups.setdefault(group, {})[name] = data.pop(key)
+    calibration = groups.pop("calibration", {})
+    if any(value is not None for value in calibration.values()):
+        # written together by the model, so one without the other is the identity on its side
+        temperature, bias = calibration.get("temperature"), calibration.get("bias")
+        data["calibration"] = {"temperature": 1.0 if temperature is None else temperature,
+                               "bias": [0.0] * len(data.get("class_names") or ()) if bias is None else bias}
+    data.update(groups)
+    return data
 
 
 def untrained_spec(task: str, class_names: Sequence[str], band_count: int, tile_size: int, **changes: Any) -> InputSpec:
@@ -185,8 +246,7 @@ def untrained_spec(task: str, class_names: Sequence[str], band_count: int, tile_
         task=task,
         class_names=list(class_names),
         bands=list(range(1, band_count + 1)),
-        source_band_count=band_count,
-        source_dtype="float32",
+        source=SourceRecord(band_count=band_count, dtype="float32"),
         nodata=None,
         normalization=Normalization([0.0] * band_count, [1.0] * band_count, transform="scale"),
         tile_size=[tile_size, tile_size],

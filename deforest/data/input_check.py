@@ -216,10 +216,11 @@ def _is_integer(dtype: str) -> bool:
 def _scale_problem(spec: InputSpec, found: InputDescription, allow: Allow, action: str) -> tuple[str, bool] | None:
     """Values whose magnitude differs from training's by more than :data:`SCALE_FACTOR` (the median
     over bands of the ratio of ``max(|p2|, |p98|)``): a line, and whether ``allow`` lets it pass."""
-    if spec.value_low is None or spec.value_high is None or found.low is None or found.high is None:
+    trained_on = spec.source
+    if trained_on.value_low is None or trained_on.value_high is None or found.low is None or found.high is None:
         return None
     ratios = []
-    for band, (tl, th, fl, fh) in enumerate(zip(spec.value_low, spec.value_high, found.low, found.high)):
+    for band, (tl, th, fl, fh) in enumerate(zip(trained_on.value_low, trained_on.value_high, found.low, found.high)):
         trained, have = max(abs(tl), abs(th)), max(abs(fl), abs(fh))
         if trained > 0 and have > 0:  # a band that is all zeros says nothing of the scale
             ratios.append((have / trained, band))
@@ -230,12 +231,12 @@ def _scale_problem(spec: InputSpec, found: InputDescription, allow: Allow, actio
         return None
     name = spec.band_names[band] if spec.band_names else str(spec.bands[band])
     direction = f"about {_factor(1 / ratio)}x larger" if ratio < 1 else f"about {_factor(ratio)}x smaller"
-    kinds_differ = _is_integer(found.dtype) != _is_integer(spec.source_dtype)
+    kinds_differ = _is_integer(found.dtype) != _is_integer(trained_on.dtype)
     switches = "allow_dtype=true or allow_scale=true" if kinds_differ else "allow_scale=true"
     line = (
         f"{found.source}: dtype {found.dtype} with values {_number(found.low[band])}-{_number(found.high[band])}, "
-        f"the model was trained on {spec.source_dtype} values {_number(spec.value_low[band])}-"
-        f"{_number(spec.value_high[band])} (band {name}: 2nd-98th percentiles, {direction}) "
+        f"the model was trained on {trained_on.dtype} values {_number(trained_on.value_low[band])}-"
+        f"{_number(trained_on.value_high[band])} (band {name}: 2nd-98th percentiles, {direction}) "
         f"({switches} to {action} anyway)"
     )
     return line, allow.scale or (kinds_differ and allow.dtype)
@@ -265,23 +266,24 @@ def _size_text(size: Sequence[float], units: str) -> str:
 def _resolution_problem(spec: InputSpec, found: InputDescription, allow: Allow, action: str) -> tuple[str, bool] | None:
     """Pixels whose size (the side of a square of their area) differs from training's by more than
     :data:`RESOLUTION_TOLERANCE`; degrees and metres are compared in metres at the input's latitude."""
-    if not spec.pixel_size or not spec.pixel_units or not found.pixel_size or not found.units:
+    trained_on = spec.source
+    if not trained_on.pixel_size or not trained_on.pixel_units or not found.pixel_size or not found.units:
         return None
-    if spec.pixel_units == found.units:
-        trained, have = _side(spec.pixel_size), _side(found.pixel_size)
+    if trained_on.pixel_units == found.units:
+        trained, have = _side(trained_on.pixel_size), _side(found.pixel_size)
         note = ""
     else:
-        trained = _in_metres(spec.pixel_size, spec.pixel_units, found.latitude)
+        trained = _in_metres(trained_on.pixel_size, trained_on.pixel_units, found.latitude)
         have = _in_metres(found.pixel_size, found.units, found.latitude)
         if trained is None or have is None:
             log.info("%s: pixel size in %s, the model's in %s, and no latitude to compare them: not checked",
-                     found.source, found.units, spec.pixel_units)
+                     found.source, found.units, trained_on.pixel_units)
             return None
         note = f" (about {_number(have)} m at latitude {found.latitude:.1f})" if found.units == "deg" else ""
     if abs(have - trained) <= RESOLUTION_TOLERANCE * trained:
         return None
-    trained_text = _size_text(spec.pixel_size, spec.pixel_units)
-    if spec.pixel_units != found.units and spec.pixel_units == "deg":
+    trained_text = _size_text(trained_on.pixel_size, trained_on.pixel_units)
+    if trained_on.pixel_units != found.units and trained_on.pixel_units == "deg":
         trained_text += f" (about {_number(trained)} m at latitude {found.latitude:.1f})"
     line = (
         f"{found.source}: pixel size {_size_text(found.pixel_size, found.units)}{note}, the model was trained on "

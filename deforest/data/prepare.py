@@ -16,7 +16,7 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
-from deforest.core.contract import InputSpec, Normalization, SplitRecord
+from deforest.core.contract import InputSpec, Normalization, SourceRecord, SplitRecord
 from deforest.core.errors import DatasetError, TileError
 from deforest.core.vocabulary import MULTICLASS, SPLITS
 from deforest.data.checks import BadTiles, constant_tile, dataset_band_names
@@ -136,10 +136,10 @@ class _Preparation:
     def _resolve_bands(self) -> list[int]:
         """The configured bands, or the checkpoint's (which must fit these files)."""
         if self.reference is not None:
-            if self.reference.source_band_count != self.source_band_count:
+            if self.reference.source.band_count != self.source_band_count:
                 raise DatasetError(
                     f"{self.root}: the tiles have {self.source_band_count} bands, the checkpoint was "
-                    f"trained on {self.reference.source_band_count}-band tiles"
+                    f"trained on {self.reference.source.band_count}-band tiles"
                 )
             return list(self.reference.bands)
         selection = None if self.settings.bands is None else list(self.settings.bands)
@@ -257,17 +257,19 @@ class _Preparation:
             task=index.task,
             class_names=list(index.class_names),
             bands=list(self.bands),
-            source_band_count=self.source_band_count,
-            source_dtype=header.dtype,
+            source=SourceRecord(
+                band_count=self.source_band_count,
+                dtype=header.dtype,
+                value_low=value_range[0],
+                value_high=value_range[1],
+                pixel_size=None if header.res is None else list(header.res),
+                pixel_units=header.units,
+            ),
             nodata=header.nodata,
             normalization=normalization,
             tile_size=list(tile_size),
             band_names=None if names is None else [names[b - 1] for b in self.bands],
             split=self._split_record(lists, counts),
-            value_low=value_range[0],
-            value_high=value_range[1],
-            pixel_size=None if header.res is None else list(header.res),
-            pixel_units=header.units,
         )
 
     def _split_record(self, lists: dict[str, list[str]], counts: dict) -> SplitRecord:

@@ -44,8 +44,10 @@ FORMATS = {"onnx": ".onnx", "torchscript": ".ts.pt", "exported_program": ".pt2"}
 METADATA_FILE = "deforest_export.json"
 INPUT_NAME = "raw"
 OUTPUT_NAME = "probabilities"
-#: bumped when the meaning of the exported graph's input or output changes
-EXPORT_VERSION = 1
+#: bumped when the meaning of the exported graph's input or output, or the layout of the contract
+#: in its metadata, changes (2: the contract's source, network and calibration facts nested), so
+#: an older reader refuses a newer file in one line
+EXPORT_VERSION = 2
 #: the ONNX opset written (torch's dynamo exporter targets 18 and up; onnxruntime >= 1.14 runs it)
 ONNX_OPSET = 18
 

@@ -26,7 +26,7 @@ ONNX_SUFFIX = ".onnx"
 #: stable name: exported files carry it)
 METADATA_KEY = "deforest.export"
 #: the exported graphs' input and output versions this reader understands (deforest.mapping.export.EXPORT_VERSION)
-EXPORT_VERSIONS = (1,)
+EXPORT_VERSIONS = (1, 2)  # 1: the contract written flat, read by InputSpec.from_dict too
 
 
 def is_onnx(path: str | os.PathLike) -> bool:

@@ -68,10 +68,10 @@ def match_bands(spec: InputSpec, names: Sequence[str | None], count: int, source
         note = f"matched by name: {spec.band_names} are bands {bands}"
         log.info("%s: band order %s", source, note)
         return replace(spec, bands=bands), note
-    if count != spec.source_band_count:
+    if count != spec.source.band_count:
         raise TileError(
             source,
-            f"has {count} bands, the checkpoint was trained on {spec.source_band_count}-band tiles "
+            f"has {count} bands, the checkpoint was trained on {spec.source.band_count}-band tiles "
             f"(using bands {spec.bands})",
         )
     side = "the checkpoint has no band names" if not spec.band_names else "the file has no band descriptions"

@@ -30,6 +30,7 @@ import torchvision
 from torch import Tensor, nn
 
 from deforest.core.bands import canonical_band
+from deforest.core.contract import InputSpec
 from deforest.models.networks import BACKBONES
 
 log = logging.getLogger(__name__)
@@ -223,19 +224,20 @@ def _file(path: Path, backbone: str) -> PretrainedWeights:
     return weights
 
 
-def _inputs_of_contract(weights: PretrainedWeights, spec: Mapping[str, Any]) -> None:
-    """The network's band names and raw-unit input scaling from a deforest contract
-    (:class:`deforest.core.contract.InputSpec` as plain data)."""
-    names, norm = spec.get("band_names"), spec["normalization"]
+def _inputs_of_contract(weights: PretrainedWeights, data: Mapping[str, Any]) -> None:
+    """The network's band names and raw-unit input scaling from a deforest checkpoint's InputSpec."""
+    try:  # read by the contract itself, so every layout it has had reads here too
+        spec = InputSpec.from_dict(data)
+    except (TypeError, ValueError, KeyError) as err:
+        raise WeightsError(f"{weights.name}: its input_spec is not a deforest input contract ({err})") from None
+    names, norm, positions = spec.band_names, spec.normalization, spec.network.bands
     if not names:
         return
-    positions = spec.get("network_bands")
     positions = list(range(len(names))) if positions is None else list(positions)
     weights.bands = [names[i] for i in positions]
-    scale = 1.0 if norm["transform"] == "log1p" else float(norm.get("scale", 1.0))
-    weights.mean = [norm["mean"][i] * scale for i in positions]
-    weights.std = [norm["std"][i] * scale for i in positions]
-    weights.log_scale = norm["transform"] == "log1p"
+    weights.log_scale = norm.transform == "log1p"
+    scale = 1.0 if weights.log_scale else float(norm.scale)
+    weights.mean, weights.std = [norm.mean[i] * scale for i in positions], [norm.std[i] * scale for i in positions]
 
 
 def _network_keys(state: dict[str, Any], backbone: str, path: Path) -> dict[str, Tensor]:

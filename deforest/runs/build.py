@@ -18,7 +18,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from deforest.core.bands import canonical_band
-from deforest.core.contract import InputSpec, Normalization
+from deforest.core.contract import InputSpec, NetworkInput, Normalization
 from deforest.core.cpu import use_onednn, use_threads
 from deforest.core.errors import ConfigError
 from deforest.core.progress import progress_callbacks
@@ -80,7 +80,7 @@ def build_model(
             "coarse tiles (e.g. 16 px of 30 m Landsat)", input_pool, tile // input_pool, tile,
         )
     network_bands = network_band_positions(options.pop("network_exclude_bands", None), spec.band_names)
-    spec = replace(spec, network_bands=network_bands, input_pool=input_pool)
+    spec = replace(spec, network=NetworkInput(network_bands, input_pool))
     _check_fusion(options.get("fusion", "early"), spec, weights)
     _check_tile_fits(backbone, options, len(network_bands or spec.bands), spec.tile_size, input_pool)
     plan = None
@@ -115,7 +115,7 @@ def _check_fusion(fusion: str, spec: InputSpec, weights: PretrainedWeights | Non
     if fusion != "siamese":
         return
     names = spec.band_names
-    network_names = names if names is None or spec.network_bands is None else [names[i] for i in spec.network_bands]
+    network_names = names if names is None or spec.network.bands is None else [names[i] for i in spec.network.bands]
     try:
         date_band_positions(network_names)
     except ValueError as err:

@@ -201,7 +201,7 @@ def _contract_line(spec: InputSpec) -> str:
     """The model's input contract in one line of the report."""
     norm = spec.normalization
     split = f", split {spec.split.kind} `{spec.split.digest}`" if spec.split else ""
-    return (f"input: bands {spec.band_names or spec.bands} of {spec.source_band_count} ({spec.source_dtype}), "
+    return (f"input: bands {spec.band_names or spec.bands} of {spec.source.band_count} ({spec.source.dtype}), "
             f"{spec.tile_size[0]}x{spec.tile_size[1]} px, nodata {spec.nodata} filled, "
             f"{norm.transform} normalisation ({norm.source}){split}")
 

@@ -24,7 +24,7 @@ import torch
 from lightning.pytorch.callbacks import BaseFinetuning
 from torch import Tensor
 
-from deforest.core.contract import InputSpec
+from deforest.core.contract import Calibration, InputSpec
 from deforest.core.vocabulary import MULTICLASS, MULTILABEL
 from deforest.data.pairs import date_band_positions
 from deforest.data.transforms import BandNormalizer, d4_views
@@ -52,7 +52,7 @@ class TileClassifier(pl.LightningModule):
     Args:
         input_spec: the input contract (an :class:`InputSpec` or its ``to_dict()``): task,
             classes, bands, normalisation, tile size, the bands the network sees
-            (``network_bands``; the band-statistics head always sees every band), the
+            (``network.bands``; the band-statistics head always sees every band), the
             input pooling, the initial thresholds and the split.
         network: :class:`~deforest.training.settings.NetworkSettings` (or a mapping of its fields).
         loss: keyword arguments of :meth:`DynamicWeightedLoss.from_keys` (the ``loss`` config group).
@@ -107,8 +107,8 @@ class TileClassifier(pl.LightningModule):
         self.channels_last = channels_last
         self.compile_options = ({} if compile is True else dict(compile)) if compile else None
         self.register_buffer("thresholds", torch.as_tensor(spec.decision_thresholds(), dtype=torch.float32))
-        temperature = 1.0 if spec.calibration_temperature is None else spec.calibration_temperature
-        bias = [0.0] * len(self.class_names) if spec.calibration_bias is None else spec.calibration_bias
+        calibration = spec.calibration or Calibration(1.0, [0.0] * len(self.class_names))
+        temperature, bias = calibration.temperature, calibration.bias
         self.register_buffer("calibration_temperature", torch.tensor(float(temperature)))
         self.register_buffer("calibration_bias", torch.as_tensor(bias, dtype=torch.float32))
         #: The last val/test epoch's ``probs``, ``target`` and dataset ``index`` (on the CPU), for reports.
@@ -133,16 +133,16 @@ class TileClassifier(pl.LightningModule):
         norm = spec.normalization
         self.normalizer = BandNormalizer(norm.mean, norm.std, norm.transform == "log1p", norm.scale)
         band_count = len(spec.bands)
-        network_bands = spec.network_bands
+        network_bands = spec.network.bands
         if network_bands is not None:
             if not network_bands or not all(0 <= b < band_count for b in network_bands):
-                raise ValueError(f"network_bands {list(network_bands)} must be positions in 0..{band_count - 1}")
+                raise ValueError(f"network bands {list(network_bands)} must be positions in 0..{band_count - 1}")
             # a buffer, so the selection runs on the device without a host copy per step
             self.register_buffer("network_bands", torch.as_tensor(list(network_bands)), persistent=False)
         else:
             self.network_bands = None
         self.input_resize = options.input_resize
-        pool = spec.input_pool
+        pool = spec.network.pool
         resize = options.input_resize
         image_size = (resize // pool,) * 2 if resize else tuple(t // pool for t in spec.tile_size)
         net_options = (options.small_tile_stem, options.width, options.dropout, pool, image_size)
@@ -190,8 +190,7 @@ class TileClassifier(pl.LightningModule):
         """The contract, with the thresholds these weights decide at and their probability correction."""
         return replace(
             self.spec.with_thresholds(self.thresholds.detach().cpu().tolist()),
-            calibration_temperature=float(self.calibration_temperature),
-            calibration_bias=self.calibration_bias.detach().cpu().tolist(),
+            calibration=Calibration(float(self.calibration_temperature), self.calibration_bias.detach().cpu().tolist()),
         )
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:

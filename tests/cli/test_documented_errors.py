@@ -589,9 +589,11 @@ def change_map_without_crs(tmp, roots):
 
 
 def _eurosat_checkpoint(tmp: Path, task: str, classes: list[str]) -> Path:
+    from deforest.core.contract import SourceRecord
     from tests.mapping.test_predict import save_untrained
 
-    return save_untrained(tmp / f"{task}.ckpt", task, classes, bands=13, tile=64, source_dtype="uint16")
+    return save_untrained(tmp / f"{task}.ckpt", task, classes, bands=13, tile=64,
+                          source=SourceRecord(13, "uint16"))
 
 
 def eval_other_task(tmp, roots):
@@ -700,20 +702,22 @@ def change_area_without_scipy(tmp, roots):
 
 
 def predict_other_pixel_size(tmp, roots):
+    from deforest.core.contract import SourceRecord
     from tests.mapping.test_predict import save_untrained
 
     # a model of 30 m tiles; the Landsat scene has 300 m pixels
-    ckpt = save_untrained(tmp / "m.ckpt", "multiclass", ["land", "water"], bands=3, tile=32, source_dtype="uint8",
-                          pixel_size=[30.0, 30.0], pixel_units="m")
+    ckpt = save_untrained(tmp / "m.ckpt", "multiclass", ["land", "water"], bands=3, tile=32,
+                          source=SourceRecord(3, "uint8", pixel_size=[30.0, 30.0], pixel_units="m"))
     return "deforest.cli.predict", [f"ckpt_path={ckpt}", f"scene={SCENE}", f"out={tmp / 'map.tif'}", "device=cpu"]
 
 
 def predict_other_scale(tmp, roots):
+    from deforest.core.contract import SourceRecord
     from tests.mapping.test_predict import save_untrained
 
     # a model of uint16 reflectance x10000; the scene as float32 reflectance 0..1
-    ckpt = save_untrained(tmp / "m.ckpt", "multiclass", ["land", "water"], bands=3, tile=32, source_dtype="uint16",
-                          value_low=[300.0] * 3, value_high=[9000.0] * 3)
+    ckpt = save_untrained(tmp / "m.ckpt", "multiclass", ["land", "water"], bands=3, tile=32,
+                          source=SourceRecord(3, "uint16", value_low=[300.0] * 3, value_high=[9000.0] * 3))
     with rasterio.open(SCENE) as src:
         profile, data = src.profile, src.read()
     with rasterio.open(tmp / "reflectance.tif", "w", **{**profile, "dtype": "float32", "nodata": None}) as dst:

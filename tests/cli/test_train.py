@@ -91,7 +91,7 @@ def test_band_statistics_head_trains_beside_the_cnn(train_config, tmp_path):
         cnn, stats = model.head_logits(tiles)
         torch.testing.assert_close(model(tiles), (cnn + stats) / 2)
         # the CNN does not see the atmospheric bands B01, B09, B10; the statistics head does
-        assert model.input_spec.network_bands == [1, 2, 3, 4, 5, 6, 7, 10, 11, 12]
+        assert model.input_spec.network.bands == [1, 2, 3, 4, 5, 6, 7, 10, 11, 12]
         hazy = tiles.clone()
         hazy[:, [0, 8, 9]] *= 3
         cnn_hazy, stats_hazy = model.head_logits(hazy)

@@ -11,7 +11,15 @@ import rasterio
 import torch
 
 from deforest.cli.train import train
-from deforest.core.contract import InputSpec, Normalization, SplitRecord, untrained_spec
+from deforest.core.contract import (
+    Calibration,
+    InputSpec,
+    NetworkInput,
+    Normalization,
+    SourceRecord,
+    SplitRecord,
+    untrained_spec,
+)
 from deforest.core.errors import TileError
 from deforest.data.datamodule import TileDataModule
 from deforest.data.layouts import ManifestLayout
@@ -157,3 +165,64 @@ def test_contract_round_trips_as_plain_data():
     assert filled[0, 0, 1] == pytest.approx(1000.0) and filled[0, 0, 0] == 5.0
     with pytest.raises(ValueError, match="transform must be one of"):
         Normalization([0.0], [1.0], transform="sqrt")
+
+
+def _full_spec() -> InputSpec:
+    """A contract with every record filled."""
+    return InputSpec(
+        task="multiclass", class_names=["forest", "pasture"], bands=[4, 3, 2], nodata=0.0,
+        source=SourceRecord(6, "uint16", [120.0, 230.0, 310.0], [2100.0, 2400.0, 3900.0], [30.0, 30.0], "m"),
+        normalization=Normalization([6.1, 6.2, 6.3], [0.4, 0.5, 0.6]), tile_size=[16, 16],
+        band_names=["B4", "B3", "B2"], network=NetworkInput([0, 2], 2), thresholds=None,
+        calibration=Calibration(1.7, [0.25, -0.25]),
+    )
+
+
+def test_contract_records_round_trip_nested():
+    spec = _full_spec()
+    plain = spec.to_dict()
+    assert plain["source"] == {"band_count": 6, "dtype": "uint16", "value_low": [120.0, 230.0, 310.0],
+                               "value_high": [2100.0, 2400.0, 3900.0], "pixel_size": [30.0, 30.0], "pixel_units": "m"}
+    assert plain["network"] == {"bands": [0, 2], "pool": 2}
+    assert plain["calibration"] == {"temperature": 1.7, "bias": [0.25, -0.25]}
+    assert InputSpec.from_dict(plain) == spec
+    uncalibrated = untrained_spec("multilabel", ["x"], 2, 8)
+    assert uncalibrated.to_dict()["calibration"] is None and uncalibrated.network == NetworkInput(None, 1)
+    assert InputSpec.from_dict(uncalibrated.to_dict()) == uncalibrated
+
+
+def test_a_flat_contract_of_older_checkpoints_loads():
+    """The layout checkpoints and ONNX exports wrote before the contract had sub-records."""
+    flat = {
+        "task": "multiclass", "class_names": ["forest", "pasture"], "bands": [4, 3, 2],
+        "source_band_count": 6, "source_dtype": "uint16", "nodata": 0.0,
+        "normalization": {"mean": [6.1, 6.2, 6.3], "std": [0.4, 0.5, 0.6], "transform": "log1p", "scale": 1.0,
+                          "source": "training"},
+        "tile_size": [16, 16], "band_names": ["B4", "B3", "B2"], "network_bands": [0, 2], "input_pool": 2,
+        "thresholds": None, "split": None,
+        "value_low": [120.0, 230.0, 310.0], "value_high": [2100.0, 2400.0, 3900.0],
+        "pixel_size": [30.0, 30.0], "pixel_units": "m",
+        "calibration_temperature": 1.7, "calibration_bias": [0.25, -0.25],
+    }
+    assert InputSpec.from_dict(flat) == _full_spec()
+    # written before the value range, pixel size, band subset, pooling and correction were recorded
+    oldest = {k: v for k, v in flat.items() if k not in ("value_low", "value_high", "pixel_size", "pixel_units",
+                                                          "network_bands", "input_pool", "calibration_temperature",
+                                                          "calibration_bias")}
+    spec = InputSpec.from_dict(oldest)
+    assert spec.source == SourceRecord(6, "uint16") and spec.network == NetworkInput(None, 1)
+    assert spec.calibration is None
+    uncorrected = InputSpec.from_dict({**flat, "calibration_temperature": None, "calibration_bias": None})
+    assert uncorrected.calibration is None
+
+
+@pytest.mark.parametrize("change,unknown", [
+    ({"colour": "red"}, "colour"),
+    ({"source": {"band_count": 6, "dtype": "uint16", "gain": 2.0}}, "gain"),
+    ({"network": {"bands": None, "pool": 1, "stride": 2}}, "stride"),
+    ({"calibration": {"temperature": 1.0, "bias": [0.0, 0.0], "offset": 1.0}}, "offset"),
+    ({"input_pool": 2}, "input_pool"),  # a flat key beside its record is not read as either
+])
+def test_a_contract_with_an_unknown_key_is_refused_naming_it(change, unknown):
+    with pytest.raises(TypeError, match=f"unexpected keyword argument '{unknown}'"):
+        InputSpec.from_dict({**_full_spec().to_dict(), **change})

@@ -104,7 +104,7 @@ def test_train_from_the_pack_of_pairs(train_config, packed_pairs):
     from deforest.training.module import TileClassifier
 
     spec = TileClassifier.load_from_checkpoint(metrics["best_checkpoint"], map_location="cpu").input_spec
-    assert spec.band_names == dated_band_names(BANDS) and spec.source_band_count == 12
+    assert spec.band_names == dated_band_names(BANDS) and spec.source.band_count == 12
 
 
 def test_a_changed_after_tile_makes_the_pack_stale(packed_pairs, tmp_path):

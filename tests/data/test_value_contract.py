@@ -83,8 +83,9 @@ def _eval_config(model: dict, root: Path, out: Path, *overrides: str):
 
 def test_the_contract_records_dtype_value_range_and_pixel_size(model, eurosat_root):
     spec = TileClassifier.load_from_checkpoint(model["ckpt"], map_location="cpu").input_spec
-    assert spec.source_dtype == "uint16" and spec.pixel_units == "m"
-    assert spec.pixel_size == pytest.approx([10.0, 10.0], abs=0.05)  # EuroSAT: ~10.007 x 10.02 m
+    source = spec.source
+    assert source.dtype == "uint16" and source.pixel_units == "m"
+    assert source.pixel_size == pytest.approx([10.0, 10.0], abs=0.05)  # EuroSAT: ~10.007 x 10.02 m
     # the 2nd/98th percentiles of the training split's pixels, per band, from a sample of them
     pixels = []
     for path in sorted(eurosat_root.glob("train/*/*.tif")):
@@ -92,12 +93,12 @@ def test_the_contract_records_dtype_value_range_and_pixel_size(model, eurosat_ro
             pixels.append(src.read().reshape(13, -1).astype(np.float64))
     pixels = np.concatenate(pixels, axis=1)
     low, high = np.percentile(pixels, [2, 98], axis=1)
-    np.testing.assert_allclose(spec.value_low, low, rtol=0.1, atol=2)
-    np.testing.assert_allclose(spec.value_high, high, rtol=0.1, atol=2)
-    assert spec.value_high[3] > 1000  # B04 in reflectance x 10000, not 0..1
-    exported = load_onnx(model["onnx"], "cpu")[1]  # the contract the torch-free path reads from the graph
-    assert (exported.value_low, exported.value_high) == (spec.value_low, spec.value_high)
-    assert (exported.pixel_size, exported.pixel_units) == (spec.pixel_size, spec.pixel_units)
+    np.testing.assert_allclose(source.value_low, low, rtol=0.1, atol=2)
+    np.testing.assert_allclose(source.value_high, high, rtol=0.1, atol=2)
+    assert source.value_high[3] > 1000  # B04 in reflectance x 10000, not 0..1
+    exported = load_onnx(model["onnx"], "cpu")[1].source  # the contract the torch-free path reads from the graph
+    assert (exported.value_low, exported.value_high) == (source.value_low, source.value_high)
+    assert (exported.pixel_size, exported.pixel_units) == (source.pixel_size, source.pixel_units)
 
 
 def test_eval_refuses_float_copies_of_the_test_tiles(model, eurosat_root, tmp_path, caplog):
@@ -211,9 +212,10 @@ def test_a_contract_without_the_new_fields_checks_nothing(model):
     from deforest.data.input_check import Allow, InputDescription, check_input
 
     spec = TileClassifier.load_from_checkpoint(model["ckpt"], map_location="cpu").input_spec
-    old = {k: v for k, v in spec.to_dict().items() if k not in ("value_low", "value_high", "pixel_size", "pixel_units")}
+    old = spec.to_dict()
+    old["source"] = {k: v for k, v in old["source"].items() if k in ("band_count", "dtype")}
     loaded = InputSpec.from_dict(old)
-    assert loaded.value_low is None and loaded.pixel_size is None and loaded.pixel_units is None
+    assert loaded.source.value_low is None and loaded.source.pixel_size is None and loaded.source.pixel_units is None
     found = InputDescription("scene.tif", "float32", [0.01] * 13, [0.4] * 13, [60.0, 60.0], "m", 0.0)
     assert check_input(loaded, found, Allow(), "predict") == []
     assert len(check_input(spec, found, Allow(dtype=True, scale=True, resolution=True), "predict")) == 2

@@ -168,7 +168,7 @@ def test_pairs_train_multiclass_and_predict_writes_change_map(train_config, pair
     assert 0.0 <= metrics["test/accuracy"] <= 1.0
     assert spec.task == "multiclass" and spec.class_names == ["loss", "stable"]
     assert spec.band_names == [f"{b}@t0" for b in BANDS] + [f"{b}@t1" for b in BANDS]
-    assert spec.bands == list(range(1, 13)) and spec.source_band_count == 12
+    assert spec.bands == list(range(1, 13)) and spec.source.band_count == 12
 
     # deforest-eval rebuilds the checkpoint's split of the pairs and scores it as training did;
     # the before tiles alone (a single-date manifest) are refused by the contract's band count

@@ -225,3 +225,32 @@ def test_exported_graph_and_files_share_the_nodata_rule(nodata, tmp_path):
         out = run_export(tmp_path, str(ckpt), fmt)
         got = run_exported(out, fmt, raw)
         assert np.abs(got - expected).max() < gap / 10, fmt  # far closer to the rule's answer than to the other
+
+
+def test_an_onnx_model_with_a_flat_contract_still_loads(tmp_path):
+    """ONNX files exported before the contract had sub-records keep every field at its top level."""
+    import onnx
+
+    from deforest.core.contract import Calibration, SourceRecord
+    from deforest.mapping.serve import load_onnx
+    from tests.mapping.test_predict import save_untrained
+
+    ckpt = save_untrained(tmp_path / "m.ckpt", "multiclass", ["a", "b"], bands=3, tile=16,
+                          source=SourceRecord(3, "uint16", [10.0] * 3, [900.0] * 3, [30.0, 30.0], "m"))
+    out = run_export(tmp_path, str(ckpt), "onnx")
+    graph = onnx.load(str(out))
+    entry = next(p for p in graph.metadata_props if p.key == METADATA_KEY)
+    data = json.loads(entry.value)
+    plain = {k: v for k, v in data["input_spec"].items() if k not in ("source", "network", "calibration")}
+    data["input_spec"] = {
+        **plain, "source_band_count": 3, "source_dtype": "uint16", "value_low": [10.0] * 3, "value_high": [900.0] * 3,
+        "pixel_size": [30.0, 30.0], "pixel_units": "m", "network_bands": None, "input_pool": 1,
+        "calibration_temperature": 1.0, "calibration_bias": [0.0, 0.0],
+    }
+    entry.value = json.dumps(data)
+    onnx.save(graph, str(tmp_path / "flat.onnx"))
+    classify, spec = load_onnx(tmp_path / "flat.onnx", "cpu")
+    assert spec == load_onnx(out, "cpu")[1] == TileClassifier.load_from_checkpoint(ckpt, map_location="cpu").input_spec
+    assert spec.source.pixel_size == [30.0, 30.0] and spec.calibration == Calibration(1.0, [0.0, 0.0])
+    raw = np.random.default_rng(0).uniform(0, 900, (2, 3, 16, 16)).astype(np.float32)
+    np.testing.assert_array_equal(classify(raw), run_exported(out, "onnx", raw))

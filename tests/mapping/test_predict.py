@@ -61,7 +61,7 @@ def save_untrained(path: Path, task: str, class_names: list[str], bands: int, ti
 @pytest.mark.slow  # shares the module fixture that trains on the Rondonia tiles
 def test_rondonia_full_resolution_map_has_the_scene_grid(rondonia, tmp_path):
     model, spec = load_classifier(rondonia["ckpt"])
-    assert spec.source_band_count == 6 and spec.tile_size == [16, 16] and spec.class_names == sorted(RONDONIA_CLASSES.values())
+    assert spec.source.band_count == 6 and spec.tile_size == [16, 16] and spec.class_names == sorted(RONDONIA_CLASSES.values())
     out = tmp_path / "map.tif"
     with Scene(rondonia["scene"]) as scene:
         predict_scene(model, spec, scene, out, stride=8, full_resolution=True)
@@ -166,12 +166,12 @@ def test_multilabel_map_without_crs_float32_cog(tmp_path):
 def test_scene_bands_are_matched_by_name_whatever_their_spelling():
     """A scene that spells its bands B1..B4 (and lower case) is read in the checkpoint's B01..B04
     order: the same canonical names training used."""
-    from deforest.core.contract import InputSpec, Normalization
+    from deforest.core.contract import InputSpec, Normalization, SourceRecord
     from deforest.core.errors import TileError
     from deforest.mapping.sliding import match_bands
 
     spec = InputSpec(
-        task="multiclass", class_names=["a", "b"], bands=[1, 2, 3], source_band_count=4, source_dtype="uint16",
+        task="multiclass", class_names=["a", "b"], bands=[1, 2, 3], source=SourceRecord(4, "uint16"),
         nodata=None, normalization=Normalization([0.0] * 3, [1.0] * 3), tile_size=[8, 8],
         band_names=["B02", "B03", "B04"],
     )

@@ -17,7 +17,7 @@ from hydra import compose, initialize_config_module
 from deforest.cli.export import export
 from deforest.cli.predict import predict
 from deforest.cli.train import train
-from deforest.core.contract import InputSpec, Normalization
+from deforest.core.contract import InputSpec, Normalization, SourceRecord
 from deforest.core.errors import ConfigError
 from deforest.data.pairs import dated_band_names
 from deforest.models.networks import SiameseNetwork
@@ -30,8 +30,8 @@ DATED = dated_band_names(BANDS)  # B2@t0 ... B7@t0, B2@t1 ... B7@t1
 
 def _spec(names: list[str], **changes) -> InputSpec:
     n = len(names)
-    return InputSpec(task="multiclass", class_names=["loss", "stable"], bands=list(range(1, n + 1)), source_band_count=n,
-                     source_dtype="int16", nodata=None, normalization=Normalization([6.0] * n, [1.0] * n),
+    return InputSpec(task="multiclass", class_names=["loss", "stable"], bands=list(range(1, n + 1)),
+                     source=SourceRecord(n, "int16"), nodata=None, normalization=Normalization([6.0] * n, [1.0] * n),
                      tile_size=[32, 32], band_names=names, **changes)
 
 

@@ -315,7 +315,7 @@ def test_model_options_build_a_classifier_that_runs(option, shrunk):
     stem = first_conv(model.net)
     assert stem.in_channels == channels and (option != "small_cnn" or stem.out_channels == cfg.model.width == 8)
     spec = model.input_spec
-    assert len(spec.network_bands or spec.bands) == channels and spec.input_pool == cfg.model.get("input_pool", 1)
+    assert len(spec.network.bands or spec.bands) == channels and spec.network.pool == cfg.model.get("input_pool", 1)
     if option.startswith("resnet"):  # the configured depth and stride-2 stem (small_tile_stem: false)
         assert len(model.net.layer1) == RESNET_BLOCKS[option] and model.net.conv1.in_channels == 13
         assert model.net.conv1.stride == (2, 2)

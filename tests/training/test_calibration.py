@@ -114,17 +114,18 @@ def test_correction_round_trips_through_the_checkpoint(balanced_run):
     stored = torch.load(ckpt, map_location="cpu", weights_only=True)
     spec = InputSpec.from_dict(stored["input_spec"])
     model = TileClassifier.load_from_checkpoint(ckpt, map_location="cpu").eval()
-    assert spec.calibration_temperature == pytest.approx(float(model.calibration_temperature))
-    assert spec.calibration_bias == pytest.approx(model.calibration_bias.tolist())
-    assert spec.calibration_temperature != 1.0 and any(abs(b) > 1e-3 for b in spec.calibration_bias)
+    calibration = spec.calibration
+    assert calibration.temperature == pytest.approx(float(model.calibration_temperature))
+    assert calibration.bias == pytest.approx(model.calibration_bias.tolist())
+    assert calibration.temperature != 1.0 and any(abs(b) > 1e-3 for b in calibration.bias)
     datamodule, loader = _loader(model, cfg)
     images = datamodule.on_after_batch_transfer(next(iter(loader)), 0)["image"]
     with torch.no_grad():
-        expected = torch.sigmoid(model(images) / spec.calibration_temperature + torch.tensor(spec.calibration_bias))
+        expected = torch.sigmoid(model(images) / calibration.temperature + torch.tensor(calibration.bias))
         torch.testing.assert_close(model.predict_proba(images), expected, rtol=0, atol=1e-6)
     # a checkpoint written before the correction existed loads with the identity
     del stored["state_dict"]["calibration_temperature"], stored["state_dict"]["calibration_bias"]
-    del stored["input_spec"]["calibration_temperature"], stored["input_spec"]["calibration_bias"]
+    del stored["input_spec"]["calibration"]
     old = out / "before-calibration.ckpt"
     torch.save(stored, old)
     legacy = TileClassifier.load_from_checkpoint(old, map_location="cpu").eval()

@@ -3,13 +3,14 @@ rebuilt from checkpoints, including those that keep the settings flat."""
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import lightning.pytorch as pl
 import pytest
 import torch
 
-from deforest.core.contract import untrained_spec
+from deforest.core.contract import Calibration, NetworkInput, SourceRecord, untrained_spec
 from deforest.core.safety import CheckpointError
 from deforest.training.module import TileClassifier
 from deforest.training.settings import EvaluationSettings, NetworkSettings, OptimizationSettings
@@ -73,6 +74,45 @@ def test_a_checkpoint_with_flat_settings_still_loads(tmp_path):
     x = torch.rand(2, 4, 16, 16) * 100
     with torch.no_grad():
         torch.testing.assert_close(loaded.predict_proba(x), model.predict_proba(x), rtol=0, atol=0)
+
+
+def _flat_contract(plain: dict) -> dict:
+    """A contract as checkpoints wrote it before its sub-records: every field at the top level."""
+    plain = dict(plain)
+    source, network, calibration = plain.pop("source"), plain.pop("network"), plain.pop("calibration")
+    return {**plain, "source_band_count": source["band_count"], "source_dtype": source["dtype"],
+            "value_low": source["value_low"], "value_high": source["value_high"],
+            "pixel_size": source["pixel_size"], "pixel_units": source["pixel_units"],
+            "network_bands": network["bands"], "input_pool": network["pool"],
+            "calibration_temperature": calibration["temperature"], "calibration_bias": calibration["bias"]}
+
+
+def test_a_checkpoint_with_a_flat_contract_still_loads(tmp_path):
+    spec = replace(untrained_spec("multilabel", CLASSES, 4, 16),
+                   source=SourceRecord(4, "uint16", [10.0] * 4, [900.0] * 4, [10.0, 10.0], "m"),
+                   network=NetworkInput([0, 2, 3], 2), calibration=Calibration(1.5, [0.1, -0.2, 0.3]))
+    torch.manual_seed(0)
+    model = TileClassifier.from_keys(spec, width=8, band_statistics=True).eval()
+    checkpoint = torch.load(_save(model, tmp_path / "m.ckpt"), map_location="cpu", weights_only=True)
+    checkpoint["input_spec"] = _flat_contract(checkpoint["input_spec"])
+    checkpoint["hyper_parameters"]["input_spec"] = _flat_contract(checkpoint["hyper_parameters"]["input_spec"])
+    torch.save(checkpoint, tmp_path / "flat.ckpt")
+    loaded = TileClassifier.load_from_checkpoint(tmp_path / "flat.ckpt", map_location="cpu").eval()
+    assert loaded.input_spec == model.input_spec and loaded.input_spec.network == NetworkInput([0, 2, 3], 2)
+    assert loaded.input_spec.calibration.temperature == pytest.approx(1.5)
+    x = torch.rand(2, 4, 16, 16) * 100
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.predict_proba(x), model.predict_proba(x), rtol=0, atol=0)
+
+
+def test_an_unknown_key_in_a_checkpoints_contract_is_refused_naming_it(tmp_path):
+    path = _save(_model(), tmp_path / "m.ckpt")
+    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    checkpoint["hyper_parameters"]["input_spec"]["source"]["gain"] = 2.0
+    torch.save(checkpoint, tmp_path / "crafted.ckpt")
+    with pytest.raises(CheckpointError, match=r"crafted\.ckpt: cannot rebuild the model from it \(TypeError: "
+                                              r".*unexpected keyword argument 'gain'\)"):
+        TileClassifier.load_from_checkpoint(tmp_path / "crafted.ckpt", map_location="cpu")
 
 
 def test_an_unknown_setting_in_a_checkpoint_is_refused_naming_it(tmp_path):
