@@ -2,7 +2,7 @@
 ``deforest-export format=onnx`` wrote, as the :data:`~deforest.mapping.sliding.Classify` function of
 :mod:`deforest.mapping.sliding` (the same windows, blending, nodata handling and writers as a checkpoint).
 
-The contract comes from the file itself (``metadata_props``, key ``deforest.mapping.export``), read
+The contract comes from the file itself (``metadata_props``, key ``deforest.export``), read
 through onnxruntime, so neither torch nor the ``onnx`` package is needed. Nothing here imports
 torch; :func:`load_model` imports :mod:`deforest.mapping.predict` (torch) only for a checkpoint.
 """

@@ -911,7 +911,7 @@ CASES: dict[str, Case] = {
         lambda tmp, roots: _train(_folder(tmp, roots), "loss.scheme=balanced"),
     "<scene>: dtype float32 with values ..., the model was trained on uint16 values ... (band ...: 2nd-98th percentiles, about ...x larger) (allow_dtype=true or allow_scale=true to predict anyway)": predict_other_scale,
     "<scene>: pixel size ... m, the model was trained on ... m tiles (allow_resolution=true to predict anyway)": predict_other_pixel_size,
-    "CheckpointError: <file>.onnx: has no deforest.mapping.export metadata: not a model written by deforest-export": onnx_without_contract,
+    "CheckpointError: <file>.onnx: has no deforest.export metadata: not a model written by deforest-export": onnx_without_contract,
     "ConfigError: <file>.onnx: the ONNX model takes 64x64 windows, not 32x32 (tile_size= cannot change an exported model)": onnx_other_tile_size,
     "ConfigError: <file>.onnx: an ONNX model needs the onnxruntime package: pip install onnxruntime": onnx_without_onnxruntime,
     "ConfigError: change.min_area_ha > 0 needs the scipy package: pip install scipy, or change.min_area_ha=0": change_area_without_scipy,
