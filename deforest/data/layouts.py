@@ -233,14 +233,18 @@ class ManifestLayout(TileLayout):
         meta = {c: [row[c] for row in rows] for c in extra}
         return TileIndex(task, class_names, sources, targets, splits, meta)
 
-    def _rows(self) -> list[dict[str, str]]:
+    def _reader(self) -> csv.DictReader:
+        """The manifest as CSV rows; a missing or non-UTF-8 manifest is named as such."""
         if not self.manifest.is_file():
             raise DatasetError(f"{self.manifest}: manifest not found")
         try:
             text = self.manifest.read_text(encoding="utf-8-sig")
         except UnicodeDecodeError as err:
             raise DatasetError(f"{self.manifest}: not UTF-8 text ({err.reason} at byte {err.start})") from None
-        reader = csv.DictReader(text.splitlines())
+        return csv.DictReader(text.splitlines())
+
+    def _rows(self) -> list[dict[str, str]]:
+        reader = self._reader()
         missing = {"path", "labels"} - set(reader.fieldnames or [])
         if missing:
             raise DatasetError(f"{self.manifest}: missing column(s) {sorted(missing)}")

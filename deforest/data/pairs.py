@@ -10,7 +10,6 @@ weighting, splits and packs see an ordinary ``2N``-band dataset. Change maps of 
 
 from __future__ import annotations
 
-import csv
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -138,13 +137,7 @@ class PairLayout(ManifestLayout):
     def _rows(self) -> list[dict[str, str]]:
         """The manifest's rows as :class:`ManifestLayout` reads them: ``path`` is the pair
         (``before|after``), every file checked to exist and each pair to share one grid."""
-        if not self.manifest.is_file():
-            raise DatasetError(f"{self.manifest}: manifest not found")
-        try:
-            text = self.manifest.read_text(encoding="utf-8-sig")
-        except UnicodeDecodeError as err:
-            raise DatasetError(f"{self.manifest}: not UTF-8 text ({err.reason} at byte {err.start})") from None
-        reader = csv.DictReader(text.splitlines())
+        reader = self._reader()
         columns = set(reader.fieldnames or [])
         missing = set(PAIR_COLUMNS) - columns
         if missing:
