@@ -6,7 +6,9 @@ Every layer raises these, and the commands turn them into one line on stderr and
 
 from __future__ import annotations
 
+import difflib
 import os
+from collections.abc import Iterable
 
 
 class DatasetError(ValueError):
@@ -26,4 +28,13 @@ class ConfigError(ValueError):
     """Config values that cannot work, all listed in one message."""
 
 
-__all__ = ["ConfigError", "DatasetError", "TileError"]
+
+def unknown_setting(group: str, key: str, known: Iterable[str]) -> ConfigError:
+    """The error for ``group.key`` that no setting of the config group has: Hydra accepts any new
+    key given with ``+``, and without this a constructor would end the run in a TypeError."""
+    close = difflib.get_close_matches(key, sorted(known), n=1)
+    hint = f"did you mean {group}.{close[0]}?" if close else f"the {group} settings are in conf/{group}/"
+    return ConfigError(f"invalid config: {group}.{key} is not a {group} setting ({hint})")
+
+
+__all__ = ["ConfigError", "DatasetError", "TileError", "unknown_setting"]

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field, fields
 from typing import Any
 
 from deforest.core.contract import InputSpec
+from deforest.core.errors import unknown_setting
 from deforest.core.vocabulary import POLICIES, SPLITS
 
 #: ``data.sampler``: the order training draws tiles in (``null`` is ``shuffle``)
@@ -115,6 +116,7 @@ class LoaderSettings:
 
 #: the flat keys whose field is named otherwise in its group
 _RENAMED = {"split": "kind", "split_files": "files"}
+_REVERSE = {new: old for old, new in _RENAMED.items()}
 
 
 @dataclass(frozen=True)
@@ -128,14 +130,15 @@ class DataSettings:
     @classmethod
     def from_keys(cls, **keys: Any) -> DataSettings:
         """The settings from the flat ``data.*`` keys (plus ``input_spec``, ``resplit`` and
-        ``test_split`` of evaluation); an unknown key is a TypeError naming it."""
+        ``test_split`` of evaluation); an unknown key is a :class:`ConfigError` naming it."""
         groups: dict[type, dict[str, Any]] = {StoreSettings: {}, SplitSettings: {}, CheckSettings: {},
                                               PrepareSettings: {}, LoaderSettings: {}}
         for key, value in keys.items():
             name = _RENAMED.get(key, key)
             group = next((g for g in groups if name in _field_names(g) and name not in ("split", "checks")), None)
             if group is None:
-                raise TypeError(f"unknown data setting {key!r}")
+                known = {_REVERSE.get(n, n) for g in groups for n in _field_names(g) - {"split", "checks"}}
+                raise unknown_setting("data", key, known)
             groups[group][name] = dict(value) if isinstance(value, Mapping) else value
         loader = LoaderSettings(**groups[LoaderSettings])  # data.batch_size is reported first
         prepare = PrepareSettings(split=SplitSettings(**groups[SplitSettings]),

@@ -17,6 +17,7 @@ Design rules, all tested:
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -27,6 +28,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from deforest.core.contract import SplitRecord
+from deforest.core.errors import unknown_setting
 from deforest.core.vocabulary import MULTICLASS, MULTILABEL
 from deforest.training.batch_weights import SCHEMES, batch_class_counts, class_weights, label_weights
 
@@ -170,6 +172,10 @@ class DynamicWeightedLoss(nn.Module):
         """The loss from the ``loss`` config group's flat keys (``scheme``, ``momentum``,
         ``ema_base``, ...): the ``ema`` keys are gathered into :class:`EmaOptions`, the others
         are the constructor's."""
+        known = (set(inspect.signature(cls).parameters) - {"task", "num_classes", "ema"}) | {"momentum", "ema_base"}
+        for key in keys:
+            if key not in known:
+                raise unknown_setting("loss", key, known)
         ema = {name: keys.pop(key) for key, name in (("momentum", "momentum"), ("ema_base", "base")) if key in keys}
         return cls(task, num_classes, ema=ema, criterion=criterion, **keys)
 

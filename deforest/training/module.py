@@ -14,6 +14,7 @@ and the optimizer (:mod:`~deforest.training.optimization`) live in their own mod
 
 from __future__ import annotations
 
+import inspect
 import os
 from collections.abc import Mapping
 from dataclasses import replace
@@ -25,6 +26,7 @@ from lightning.pytorch.callbacks import BaseFinetuning
 from torch import Tensor
 
 from deforest.core.contract import Calibration, InputSpec
+from deforest.core.errors import unknown_setting
 from deforest.core.vocabulary import MULTICLASS, MULTILABEL
 from deforest.data.pairs import date_band_positions
 from deforest.data.transforms import BandNormalizer, d4_views
@@ -36,6 +38,7 @@ from deforest.training.losses import Criterion, DynamicWeightedLoss
 from deforest.training.nonfinite import NonFinitePolicy, training_files
 from deforest.training.optimization import OptimizerFactory, SchedulerFactory, build_optimization
 from deforest.training.settings import (
+    GROUP_KEYS,
     EvaluationSettings,
     NetworkSettings,
     OptimizationSettings,
@@ -122,6 +125,10 @@ class TileClassifier(pl.LightningModule):
         """A classifier from the flat ``model.*`` config keys (``backbone``, ``width``, ``tta``,
         ``freeze_backbone``, ...; the ``_target_`` of ``conf/model``), sorted into the settings
         groups (:func:`deforest.training.settings.grouped`); the other keys as the constructor's."""
+        known = set(inspect.signature(cls).parameters) | {k for names in GROUP_KEYS.values() for k in names}
+        for key in keys:
+            if key not in known:
+                raise unknown_setting("model", key, known - {"input_spec"})
         return cls(input_spec, **grouped(keys))
 
     # ---- parts --------------------------------------------------------------------------

@@ -6,6 +6,7 @@ import sys
 
 import pytest
 
+from deforest.core.errors import ConfigError
 from deforest.data.layouts import FolderLayout
 from deforest.data.prepare import prepare
 from deforest.data.settings import DataSettings, PrepareSettings
@@ -66,5 +67,5 @@ def test_flat_data_keys_map_onto_the_settings_groups():
     assert settings.store.packed == "p" and settings.prepare.seed == 3
     with pytest.raises(ValueError, match="data.batch_size must be >= 1, got 0"):
         DataSettings.from_keys(batch_size=0)
-    with pytest.raises(TypeError, match="unknown data setting 'batchsize'"):
+    with pytest.raises(ConfigError, match=r"invalid config: data\.batchsize is not a data setting \(did you mean data\.batch_size\?\)"):
         DataSettings.from_keys(batchsize=8)

@@ -512,3 +512,26 @@ def test_command_configs_compose(config, monkeypatch):
     assert cfg.task_name == config and cfg.paths.data_dir == str(DATA)
     assert set(missing_keys(plain(cfg))) == REQUIRED[config]
     assert raw([], config=config, hydra=True).hydra.run.dir.startswith(f"./logs/{config}/runs/")
+
+
+@pytest.mark.parametrize("group,key,hint", [
+    ("data", "batch_sise", "did you mean data.batch_size?"),
+    ("model", "widht", "did you mean model.width?"),
+    ("loss", "label_smoothin", "did you mean loss.label_smoothing?"),
+    ("data", "zzz", "the data settings are in conf/data/"),
+])
+def test_a_key_no_group_setting_has_is_one_config_error(group, key, hint, tmp_path):
+    """``+data.batch_sise=8`` adds a key Hydra cannot refuse (the ``+`` says "new key"): the
+    builders refuse it by name, as a ConfigError (one line, exit status 2), not a TypeError
+    traceback from a constructor."""
+    from deforest.core.errors import ConfigError
+
+    cfg = compose_train_config(tmp_path, [f"+{group}.{key}=1"])
+    datamodule = None if group == "data" else build_datamodule(cfg.data)
+    with pytest.raises(ConfigError) as raised:
+        if group == "data":
+            build_datamodule(cfg.data)
+        else:
+            datamodule.setup("fit")
+            build_model(cfg.model, cfg.loss, datamodule)
+    assert str(raised.value) == f"invalid config: {group}.{key} is not a {group} setting ({hint})"
