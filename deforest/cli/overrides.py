@@ -9,7 +9,6 @@ compose API (sweeps take their first value) and lets Hydra run only when they co
 
 from __future__ import annotations
 
-import difflib
 import functools
 import re
 import sys
@@ -23,6 +22,7 @@ from omegaconf import DictConfig, ListConfig
 from omegaconf.errors import OmegaConfBaseException
 
 from deforest.cli.errors import EXIT_USER_ERROR
+from deforest.core.errors import closest
 
 CONFIG_MODULE = "deforest.conf"
 # flags after which Hydra does something else than run the app (help, another config): no check
@@ -66,12 +66,6 @@ def _keys(node: Any, prefix: str = "") -> Iterator[str]:
             yield from _keys(node._get_node(key), f"{name}.")
     elif isinstance(node, ListConfig):
         return
-
-
-def closest(name: str, candidates: Sequence[str]) -> str | None:
-    """The candidate most like ``name`` (difflib), if any is close."""
-    found = difflib.get_close_matches(name, candidates, n=1, cutoff=0.6)
-    return found[0] if found else None
 
 
 def _compose(config_name: str, overrides: list[str]) -> DictConfig:

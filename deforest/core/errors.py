@@ -29,12 +29,18 @@ class ConfigError(ValueError):
 
 
 
+def closest(name: str, candidates: Iterable[str]) -> str | None:
+    """The candidate most like ``name`` (difflib), if any is close: the "did you mean" of errors."""
+    found = difflib.get_close_matches(name, list(candidates), n=1, cutoff=0.6)
+    return found[0] if found else None
+
+
 def unknown_setting(group: str, key: str, known: Iterable[str]) -> ConfigError:
     """The error for ``group.key`` that no setting of the config group has: Hydra accepts any new
     key given with ``+``, and without this a constructor would end the run in a TypeError."""
-    close = difflib.get_close_matches(key, sorted(known), n=1)
-    hint = f"did you mean {group}.{close[0]}?" if close else f"the {group} settings are in conf/{group}/"
+    near = closest(key, sorted(known))
+    hint = f"did you mean {group}.{near}?" if near else f"the {group} settings are in conf/{group}/"
     return ConfigError(f"invalid config: {group}.{key} is not a {group} setting ({hint})")
 
 
-__all__ = ["ConfigError", "DatasetError", "TileError", "unknown_setting"]
+__all__ = ["ConfigError", "DatasetError", "TileError", "closest", "unknown_setting"]

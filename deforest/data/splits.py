@@ -7,7 +7,6 @@ run it over square blocks of tiles instead of tiles, so neighbours never straddl
 
 from __future__ import annotations
 
-import difflib
 import logging
 import math
 import os
@@ -16,7 +15,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from deforest.core.contract import SplitRecord
-from deforest.core.errors import ConfigError, DatasetError
+from deforest.core.errors import ConfigError, DatasetError, closest
 from deforest.core.vocabulary import SPLITS
 from deforest.data.index import TileIndex
 
@@ -215,8 +214,8 @@ def imbalance_mask(index: TileIndex, assignment: Sequence[str], imbalance: dict[
     fractions = np.asarray([imbalance.get(name, imbalance.get("*", 1.0)) for name in index.class_names])
     unknown = set(imbalance) - set(index.class_names) - {"*"}
     if unknown:
-        near = [difflib.get_close_matches(name, index.class_names, n=1) for name in sorted(unknown)]
-        hint = ", ".join(repr(found[0]) for found in near if found)
+        near = [closest(name, index.class_names) for name in sorted(unknown)]
+        hint = ", ".join(repr(found) for found in near if found)
         raise ConfigError(
             f"data.imbalance names classes the data does not have: {sorted(unknown)}"
             + (f" (did you mean {hint}?)" if hint else "") + f"; the classes are {list(index.class_names)}"

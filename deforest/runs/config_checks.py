@@ -8,14 +8,14 @@ share of 150%).
 
 from __future__ import annotations
 
-import difflib
 import math
 from collections.abc import Sequence
 
 from omegaconf import DictConfig, OmegaConf
 
-from deforest.core.errors import ConfigError
+from deforest.core.errors import ConfigError, closest
 from deforest.core.vocabulary import POLICIES, SPLITS, TASKS
+from deforest.data.settings import SAMPLERS, SPLIT_KINDS, VALIDATE
 from deforest.data.splits import SPATIAL_BLOCK_PROBLEM
 
 #: ``(key, lower bound, bound allowed)`` or ``(key, low, low allowed, high, high allowed)``;
@@ -47,10 +47,10 @@ TRAIN_RULES: tuple[Rule, ...] = (
 )
 #: choices of the data group, shared by deforest-train and deforest-eval
 DATA_CHOICES: tuple[Choice, ...] = (
-    ("data.validate", ("quick", "full", "off")),
+    ("data.validate", VALIDATE),
     ("data.on_bad_tile", POLICIES),
-    ("data.split", ("random", "spatial")),
-    ("data.sampler", ("shuffle", "balanced", None)),
+    ("data.split", SPLIT_KINDS),
+    ("data.sampler", (*SAMPLERS, None)),
     ("data.layout.task", (*TASKS, None)),
     ("data.layout.nomenclature", (19, 43)),
 )
@@ -72,6 +72,7 @@ def train_choices() -> tuple[Choice, ...]:
     """The named options of ``deforest-train`` (imports the modules that define them)."""
     from deforest.models.networks import FUSIONS, backbone_names
     from deforest.training.losses import EMA_BASES, NORMALIZATIONS, SCHEMES
+    from deforest.training.settings import SCHEDULER_INTERVALS
     from deforest.training.thresholds import TUNING_BETAS
 
     return (
@@ -79,7 +80,7 @@ def train_choices() -> tuple[Choice, ...]:
         ("model.fusion", FUSIONS),
         ("model.task", (*TASKS, None)),
         ("model.nonfinite_loss", POLICIES),
-        ("model.scheduler_interval", ("step", "epoch")),
+        ("model.scheduler_interval", SCHEDULER_INTERVALS),
         ("loss.scheme", SCHEMES),
         ("loss.multilabel_scheme", tuple(s for s in SCHEMES if s != "auto")),
         ("loss.normalize", NORMALIZATIONS),
@@ -120,8 +121,8 @@ def choice_problems(cfg: DictConfig, choices: Sequence[Choice]) -> list[str]:
         if value is _ABSENT or any(value is a or (type(value) is type(a) and value == a) for a in allowed):
             continue
         names = [a for a in allowed if a is not None]
-        hint = difflib.get_close_matches(str(value), [str(a) for a in names], n=1)
-        suggestion = f" (did you mean {hint[0]!r}?)" if hint else ""
+        near = closest(str(value), [str(a) for a in names])
+        suggestion = f" (did you mean {near!r}?)" if near else ""
         nullable = " or null" if None in allowed else ""
         shown = names if len(names) <= 12 else [*names[:12], f"... ({len(names)} in all)"]
         problems.append(f"{key}={value!r} must be one of {shown}{nullable}{suggestion}")

@@ -8,7 +8,7 @@ use (:mod:`deforest.core.lazy`), so importing one light module does not load tor
 from deforest.core.lazy import lazy_exports
 
 __all__, __getattr__, __dir__ = lazy_exports(__name__, {
-    "base": ("TileStore", "ScanRequest", "HeaderCheck", "BandStatistics", "REFERENCE_SAMPLE"),
+    "base": ("TileStore", "ScanRequest", "HeaderCheck", "BandSummary", "REFERENCE_SAMPLE"),
     "files": ("FileStore",),
     "pack": ("PackStore", "PackedLayout", "PackedTileDataset"),
     "remote": ("RemotePack", "RemotePackStore", "ChunkCache", "upload_pack"),

@@ -65,7 +65,7 @@ class HeaderCheck:
 
 
 @dataclass(frozen=True)
-class BandStatistics:
+class BandSummary:
     """Per loaded band: the mean and standard deviation of the training pixels (as normalised:
     raw or ``log1p``), and the 2nd/98th percentiles of the raw values (``None``: unknown)."""
 
@@ -115,7 +115,7 @@ class TileStore(ABC):
 
     @abstractmethod
     def statistics(self, request: ScanRequest, orders: Mapping[str, Sequence[int]],
-                   bad_tiles: BadTiles) -> BandStatistics:
+                   bad_tiles: BadTiles) -> BandSummary:
         """Band statistics of the training split's sampled tiles; tiles that fail are bad tiles."""
 
     def dataset(self, sources: Sequence[str], targets: np.ndarray, bands: Sequence[int],

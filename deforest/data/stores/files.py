@@ -16,7 +16,7 @@ from deforest.data.input_check import PERCENTILES, PixelSample
 from deforest.data.io import RasterHeader, file_fingerprint, pixel_reads, read_header
 from deforest.data.layouts import TileLayout
 from deforest.data.statistics import JsonCache, measure_band_statistics
-from deforest.data.stores.base import BandStatistics, HeaderCheck, ScanRequest, TileStore
+from deforest.data.stores.base import BandSummary, HeaderCheck, ScanRequest, TileStore
 
 log = logging.getLogger(__name__)
 
@@ -82,7 +82,7 @@ class FileStore(TileStore):
         return HeaderCheck(tuple(cached["tile_size"]), orders)
 
     def statistics(self, request: ScanRequest, orders: Mapping[str, Sequence[int]],
-                   bad_tiles: BadTiles) -> BandStatistics:
+                   bad_tiles: BadTiles) -> BandSummary:
         """Read once (the value range in the same pass), then cached as JSON."""
         bands = len(request.bands)
         key = self._cache_key("stats", request)
@@ -110,7 +110,7 @@ class FileStore(TileStore):
             cached["low"], cached["high"] = sample.percentiles() or (None, None)
             self.cache.store("stats", key, cached)
         warn_constant(cached.get("constant", []), "of the training tiles read for the band statistics", refused=False)
-        return BandStatistics(cached["mean"], cached["std"], cached.get("low"), cached.get("high"))
+        return BandSummary(cached["mean"], cached["std"], cached.get("low"), cached.get("high"))
 
     def _cache_key(self, kind: str, request: ScanRequest) -> str:
         """What a cached result depends on: the (training) files, bands and settings."""

@@ -22,7 +22,7 @@ from deforest.data.input_check import SAMPLE_TILES, PixelSample
 from deforest.data.io import RasterHeader
 from deforest.data.layouts import TileLayout
 from deforest.data.statistics import moments
-from deforest.data.stores.base import BandStatistics, HeaderCheck, ScanRequest, TileStore
+from deforest.data.stores.base import BandSummary, HeaderCheck, ScanRequest, TileStore
 from deforest.data.stores.format import (
     LOG_SUM,
     LOG_SUM_SQ,
@@ -204,7 +204,7 @@ class PackStore(TileStore):
         return HeaderCheck((reference.height, reference.width), {})
 
     def statistics(self, request: ScanRequest, orders: Mapping[str, Sequence[int]],
-                   bad_tiles: BadTiles) -> BandStatistics:
+                   bad_tiles: BadTiles) -> BandSummary:
         """Sums over the pack's per-tile rows of ``stats.npy``; the value range from a few tiles."""
         pack, sources = self.layout, request.index.sources
         if pack.header.nodata is not None:  # a tile without a valid pixel in the loaded bands is bad
@@ -215,7 +215,7 @@ class PackStore(TileStore):
         sums = pack.band_sums([sources[i] for i in rows], request.bands, request.log_scale).sum(axis=0)
         mean, std = moments(*sums)
         low, high = self._sampled_range([sources[i] for i in rows[:SAMPLE_TILES]], request.bands)
-        return BandStatistics(mean, std, low, high)
+        return BandSummary(mean, std, low, high)
 
     def _sampled_range(self, sources: list[str], bands: list[int]) -> tuple[list[float] | None, list[float] | None]:
         """The value range of a few tiles' pixels (a pack's sums hold no percentiles)."""
