@@ -19,6 +19,8 @@ from deforest.data.split_lists import apply_split_lists
 # of Sumbul et al. 2021 (BigEarthNet-MM), which merges or drops the ambiguous ones. The 43 are
 # the official label list (label_indices.json of BigEarthNet-S2_19-classes_models; TorchGeo's
 # BigEarthNet.class_sets[43]): CORINE's "Glaciers and perpetual snow" (335) is not among them.
+#: the two label sets a layout reads (``data.layout.nomenclature``)
+NOMENCLATURES = (19, 43)
 BIGEARTHNET_43 = [
     "Continuous urban fabric", "Discontinuous urban fabric", "Industrial or commercial units",
     "Road and rail networks and associated land", "Port areas", "Airports",
@@ -101,7 +103,7 @@ class BigEarthNetLayout(TileLayout):
         super().__init__(root)
         self.split_csvs = dict(split_csvs) if split_csvs else None
         self.exclude_csvs = list(exclude_csvs) if exclude_csvs else None
-        if nomenclature not in (19, 43):
+        if nomenclature not in NOMENCLATURES:
             raise DatasetError(f"BigEarthNet nomenclature must be 19 or 43, not {nomenclature}")
         self.nomenclature = nomenclature
         self.size = size

@@ -29,11 +29,10 @@ from rasterio.errors import RasterioError
 from rasterio.windows import Window
 
 from deforest.core.errors import TileError
+from deforest.core.vocabulary import LABEL_MODES as MODES
 from deforest.mapping.scene import Scene
 
 log = logging.getLogger(__name__)
-
-MODES = ("majority", "any", "fraction")
 
 
 def class_name(value: object, mapping: Mapping[str, str] | None) -> str:

@@ -18,7 +18,7 @@ from affine import Affine
 from rasterio.windows import Window
 
 from deforest.core.contract import InputSpec
-from deforest.core.vocabulary import MULTICLASS
+from deforest.core.vocabulary import MAP_DTYPES, MULTICLASS
 from deforest.mapping.scene import Scene
 
 #: the ``written_by`` tag of a map: an existing file carrying it may be replaced by the next map
@@ -44,8 +44,8 @@ class MapWriter:
         dtype: str,
         tags: dict[str, str],
     ) -> None:
-        if dtype not in ("uint8", "float32"):
-            raise ValueError(f"dtype must be uint8 or float32, not {dtype!r}")
+        if dtype not in MAP_DTYPES:
+            raise ValueError(f"dtype must be one of {MAP_DTYPES}, not {dtype!r}")
         if dtype == "uint8" and spec.num_classes >= UINT8_NODATA:
             raise ValueError(f"{spec.num_classes} classes do not fit uint8 class indexes; use dtype=float32")
         self.spec, self.dtype = spec, dtype
