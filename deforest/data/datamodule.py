@@ -20,7 +20,7 @@ from torch.utils.data import DataLoader
 
 from deforest.core.contract import InputSpec
 from deforest.core.errors import DatasetError, TileError
-from deforest.core.vocabulary import SPLITS
+from deforest.core.vocabulary import MULTILABEL, SPLITS
 from deforest.data.batch_transforms import FillBatch, collate_batches, is_device_d4
 from deforest.data.checks import BadTiles
 from deforest.data.dataset import TileDataset
@@ -241,6 +241,16 @@ class TileDataModule(pl.LightningDataModule):
             self._gloo = torch.distributed.new_group(backend="gloo")
         return self._gloo
 
+    @property
+    def sampler(self) -> str:
+        """The training draw ``data.sampler`` resolves to: ``auto`` is ``balanced`` for multi-label data
+        (rare labels lose least to the frequent ones: docs/imbalance.md), ``shuffle`` for multi-class data
+        and for a pack in object storage, which streams whole chunks instead of single tiles."""
+        chosen = self.loaders.sampler or "shuffle"
+        if chosen == "auto":
+            return "balanced" if self.task == MULTILABEL and not self.store.streams else "shuffle"
+        return chosen
+
     def _loader(self, split: str, shuffle: bool) -> DataLoader:
         dataset, loaders = self.datasets[split], self.loaders
         rank = self._rank()
@@ -252,7 +262,7 @@ class TileDataModule(pl.LightningDataModule):
             return DataLoader(stream, batch_size=None, pin_memory=loaders.pin_memory, collate_fn=collate_batches)
         workers = 0 if self.gathers_in_process else loaders.num_workers
         sampler = None
-        if shuffle and loaders.sampler == "balanced":
+        if shuffle and self.sampler == "balanced":
             world = self.trainer.world_size if self.trainer is not None else 1
             sampler = BalancedSampler(balanced_weights(dataset.targets, self.task), self.seed, world, rank)
             shuffle = False  # the sampler draws the order

@@ -15,8 +15,9 @@ from deforest.core.contract import InputSpec
 from deforest.core.errors import unknown_setting
 from deforest.core.vocabulary import POLICIES, SPLITS
 
-#: ``data.sampler``: the order training draws tiles in (``null`` is ``shuffle``)
-SAMPLERS = ("shuffle", "balanced")
+#: ``data.sampler``: the order training draws tiles in (``null`` is ``shuffle``; ``auto``, the default, is
+#: ``balanced`` for a multi-label dataset whose tiles can be drawn one by one, ``shuffle`` otherwise)
+SAMPLERS = ("auto", "shuffle", "balanced")
 #: ``data.validate``: read every header (``quick``), also every pixel (``full``), or trust the data
 VALIDATE = ("quick", "full", "off")
 #: ``data.split``
@@ -99,8 +100,9 @@ class LoaderSettings:
     num_workers: int = 0
     pin_memory: bool = False
     persistent_workers: bool = False
-    #: ``None`` or ``shuffle``: each training tile once per epoch; ``balanced``: drawn by weight
-    sampler: str | None = None
+    #: ``None`` or ``shuffle``: each training tile once per epoch; ``balanced``: drawn by weight;
+    #: ``auto``: ``balanced`` for multi-label data (not from a streamed pack), else ``shuffle``
+    sampler: str | None = "auto"
     #: random flips/rotations of each training batch on the device instead of in the workers
     device_flips: bool = False
     test_split: str = "test"
@@ -111,7 +113,7 @@ class LoaderSettings:
         if self.test_split not in SPLITS:
             raise ValueError(f"split must be one of {SPLITS}, not {self.test_split!r}")
         if self.sampler is not None and self.sampler not in SAMPLERS:
-            raise ValueError(f"data.sampler must be null, shuffle or balanced, not {self.sampler!r}")
+            raise ValueError(f"data.sampler must be null, auto, shuffle or balanced, not {self.sampler!r}")
 
 
 #: the flat keys whose field is named otherwise in its group

@@ -14,7 +14,8 @@ from collections.abc import Sequence
 from omegaconf import DictConfig, OmegaConf
 
 from deforest.core.errors import ConfigError, closest
-from deforest.core.vocabulary import POLICIES, SPLITS, TASKS
+from deforest.core.vocabulary import LABEL_MODES, MAP_DTYPES, POLICIES, SPLITS, TASKS
+from deforest.data.bigearthnet import NOMENCLATURES
 from deforest.data.settings import SAMPLERS, SPLIT_KINDS, VALIDATE
 from deforest.data.splits import SPATIAL_BLOCK_PROBLEM
 
@@ -39,6 +40,7 @@ TRAIN_RULES: tuple[Rule, ...] = (
     ("model.optimizer.lr", 0, False),
     ("model.optimizer.weight_decay", 0, True),
     ("loss.label_smoothing", 0, True, 1, False),
+    ("loss.negative_scale", 0, False),
     ("loss.momentum", 0, True, 1, False),
     ("loss.beta", 0, True, 1, False),
     ("loss.gamma", 0, True),
@@ -52,7 +54,7 @@ DATA_CHOICES: tuple[Choice, ...] = (
     ("data.split", SPLIT_KINDS),
     ("data.sampler", (*SAMPLERS, None)),
     ("data.layout.task", (*TASKS, None)),
-    ("data.layout.nomenclature", (19, 43)),
+    ("data.layout.nomenclature", NOMENCLATURES),
 )
 EVAL_RULES: tuple[Rule, ...] = (
     ("data.batch_size", 1, True),
@@ -63,9 +65,9 @@ EVAL_RULES: tuple[Rule, ...] = (
 )
 EVAL_CHOICES: tuple[Choice, ...] = (("split", SPLITS), *DATA_CHOICES)
 TILE_RULES: tuple[Rule, ...] = (("tile_size", 1, True), ("stride", 1, True))
-TILE_CHOICES: tuple[Choice, ...] = (("mode", ("majority", "any", "fraction")),)
+TILE_CHOICES: tuple[Choice, ...] = (("mode", LABEL_MODES),)
 PREDICT_RULES: tuple[Rule, ...] = (("tile_size", 1, True), ("stride", 1, True), ("batch_size", 1, True))
-PREDICT_CHOICES: tuple[Choice, ...] = (("dtype", ("uint8", "float32")),)
+PREDICT_CHOICES: tuple[Choice, ...] = (("dtype", MAP_DTYPES),)
 
 
 def train_choices() -> tuple[Choice, ...]:

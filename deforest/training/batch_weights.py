@@ -27,6 +27,7 @@ SCHEMES = (
     "balanced",
     "asymmetric",
     "logit_adjusted",
+    "tolerant",
     "auto",
 )
 
@@ -100,7 +101,8 @@ def label_weights(
 
     * ``inverse_count``: ``1 / (P_c + 1)`` on both terms (the reference formula: its
       constant-predictor optimum for a rare label is about half the true rate);
-    * ``pos_weight``: ``(N - P_c + 1) / (P_c + 1)`` on positives, 1 on negatives;
+    * ``pos_weight``, ``tolerant``: ``(N - P_c + 1) / (P_c + 1)`` on positives, 1 on negatives
+      (``tolerant`` also reshapes the negatives' loss: :class:`~deforest.training.losses.DynamicWeightedLoss`);
     * ``balanced``, ``logit_adjusted``: ``N / (2 (P_c + 1))`` on positives,
       ``N / (2 (N - P_c + 1))`` on negatives, so each label's positives and negatives carry
       about equal mass;
@@ -119,7 +121,7 @@ def label_weights(
     if scheme == "inverse_count":
         w = 1.0 / (positives + 1.0)
         return w, w
-    if scheme == "pos_weight":
+    if scheme in ("pos_weight", "tolerant"):
         return (negatives + 1.0) / (positives + 1.0), torch.ones_like(positives)
     if scheme in ("balanced", "logit_adjusted"):
         return total / (2.0 * (positives + 1.0)), total / (2.0 * (negatives + 1.0))

@@ -33,11 +33,14 @@ from deforest.core.vocabulary import MULTICLASS, MULTILABEL
 from deforest.training.batch_weights import SCHEMES, batch_class_counts, class_weights, label_weights
 
 #: Schemes that weigh the positive and negative BCE terms apart: they have no multi-class meaning.
-MULTILABEL_ONLY = ("pos_weight", "balanced", "asymmetric", "logit_adjusted")
+MULTILABEL_ONLY = ("pos_weight", "balanced", "asymmetric", "logit_adjusted", "tolerant")
 #: What ``scheme="auto"`` means for a multi-class head; multi-label heads take ``multilabel_scheme``.
 AUTO_MULTICLASS = "inverse_count"
 #: Asymmetric loss (Ridnik et al., ICCV 2021): negatives' focusing exponent and probability margin.
 ASL_GAMMA_NEG, ASL_CLIP = 4.0, 0.05
+#: ``tolerant``'s lambda unless ``negative_scale`` is set: Wu et al.'s value (ECCV 2020), and the one measured
+#: on the long-tailed benchmark (docs/imbalance.md)
+TOLERANT_SCALE = 2.0
 #: Running average of the weight a positive and a negative get (``logit_adjusted``): slow, because a
 #: label in 2% of tiles appears in a batch of 16 only about one step in four.
 PRIOR_MOMENTUM = 0.99
@@ -86,7 +89,9 @@ class DynamicWeightedLoss(nn.Module):
             logits, inside the loss only, the log ratio of the average weight a positive and a
             negative of the label received so far, so the loss optimum of the raw logits stays at
             the label's true rate; ``asymmetric`` is the asymmetric loss (focusing ``gamma``,
-            default 4, on negatives only, probability margin 0.05). ``static`` uses counts given once through
+            default 4, on negatives only, probability margin 0.05); ``tolerant`` weighs as
+            ``pos_weight`` and makes the negatives' loss tolerant (``negative_scale``, default 2).
+            ``static`` uses counts given once through
             :meth:`set_static_counts`; ``ema`` smooths batch counts with ``momentum``.
         normalize: ``"mean"`` divides ``sum(w * l)`` by the number of loss elements (with
             ``inverse_count`` this is exactly the classic ``(ce * w[y]).mean()``);
@@ -100,6 +105,11 @@ class DynamicWeightedLoss(nn.Module):
             for ``y = 0``), so a weighted negative never turns into a pseudo-positive.
         multilabel_scheme: what ``scheme="auto"`` means for a multi-label head (a multi-class
             head takes :data:`AUTO_MULTICLASS`).
+        negative_scale: multi-label ``lambda`` (``None``: 2 for ``tolerant``, else 1) of the negative-tolerant regularisation of
+            Wu et al. (ECCV 2020, distribution-balanced loss): a negative's BCE is taken at the
+            logit ``lambda * z`` and divided by ``lambda``, so a negative already below the
+            boundary (``z < 0``) pulls its label down ``exp((lambda - 1) z)`` times less, while a
+            wrong negative (``z > 0``) keeps a gradient of about 1. 1 is plain BCE.
         ignore_index: multi-class targets to leave out of counts and loss.
         criterion: optional ``criterion(logits, targets, weights)`` that replaces the
             built-in loss and receives the ``[C]`` weights.
@@ -116,6 +126,7 @@ class DynamicWeightedLoss(nn.Module):
         beta: float = 0.999,
         ema: EmaOptions | Mapping[str, Any] | None = None,
         label_smoothing: float = 0.0,
+        negative_scale: float | None = None,
         ignore_index: int = -100,
         criterion: Criterion | None = None,
     ) -> None:
@@ -150,7 +161,14 @@ class DynamicWeightedLoss(nn.Module):
         self.beta = beta
         self.momentum = ema.momentum
         self.ema_base = ema.base
+        if negative_scale is None:
+            negative_scale = TOLERANT_SCALE if scheme == "tolerant" else 1.0
+        if negative_scale <= 0:
+            raise ValueError(f"negative_scale must be > 0, got {negative_scale}")
+        if negative_scale != 1.0 and scheme == "asymmetric":
+            raise ValueError("negative_scale and scheme 'asymmetric' both reshape the negative term: choose one")
         self.label_smoothing = label_smoothing
+        self.negative_scale = float(negative_scale)
         self.ignore_index = ignore_index
         self.criterion = criterion
         # Buffers travel with the checkpoint, so a resumed run weighs as the original did.
@@ -315,6 +333,11 @@ class DynamicWeightedLoss(nn.Module):
             p = torch.sigmoid(logits)
             focus_pos, focus_neg = (1.0 - p) ** self.gamma, p**self.gamma
         bce = -soft * log_p - (1.0 - soft) * log_not_p
+        if self.negative_scale != 1.0:
+            # negative-tolerant regularisation: a negative's (smoothed) BCE at lambda * z, over lambda
+            scaled = self.negative_scale * logits
+            tolerant = (-soft * F.logsigmoid(scaled) - (1.0 - soft) * F.logsigmoid(-scaled)) / self.negative_scale
+            bce = torch.where(hard > 0, bce, tolerant)
         if focus_neg is not None:
             focus = hard * (1.0 if focus_pos is None else focus_pos) + (1.0 - hard) * focus_neg
             bce = bce * focus
@@ -326,4 +349,4 @@ class DynamicWeightedLoss(nn.Module):
         return weighted, element_weights, n_elements
 
 
-__all__ = ["EMA_BASES", "MULTILABEL_ONLY", "NORMALIZATIONS", "SCHEMES", "DynamicWeightedLoss", "EmaOptions"]
+__all__ = ["EMA_BASES", "MULTILABEL_ONLY", "NORMALIZATIONS", "SCHEMES", "TOLERANT_SCALE", "DynamicWeightedLoss", "EmaOptions"]

@@ -78,7 +78,7 @@ def test_balanced_sampler_lifts_the_rarest_label_of_the_long_tail(train_config, 
 
     record = build_longtail(eurosat_root, tmp_path / "lt", seed=0, sizes={"train": 600, "val": 60, "test": 60})
     rows = ["data=manifest", f"data.root={tmp_path / 'lt'}", "data.layout.task=multilabel"]
-    plain = _fit_datamodule(train_config, rows)
+    plain = _fit_datamodule(train_config, [*rows, "data.sampler=shuffle"])
     balanced = _fit_datamodule(train_config, [*rows, "data.sampler=balanced"])
     names = balanced.class_names
     rarest = names.index(record["tail_order"][-1])
@@ -99,8 +99,22 @@ def test_balanced_sampler_lifts_the_rarest_label_of_the_long_tail(train_config, 
     assert plain.train_dataloader().sampler.__class__.__name__ == "RandomSampler"
 
 
+def test_default_sampler_balances_multilabel_data_and_shuffles_multiclass(train_config, bigearthnet_root):
+    """``data.sampler=auto`` (the default): the balanced draw for a multi-label dataset (real BigEarthNet
+    patches), each tile once per epoch for a multi-class one (the EuroSAT sample)."""
+    assert train_config([]).data.sampler == "auto"
+    multilabel = _fit_datamodule(train_config, ["data=bigearthnet", f"data.root={bigearthnet_root}"])
+    assert multilabel.task == "multilabel"
+    assert isinstance(multilabel.train_dataloader().sampler, BalancedSampler)
+    assert multilabel.val_dataloader().sampler.__class__.__name__ == "SequentialSampler"
+    multiclass = _fit_datamodule(train_config, [IMBALANCE])
+    assert multiclass.train_dataloader().sampler.__class__.__name__ == "RandomSampler"
+    shuffled = _fit_datamodule(train_config, ["data=bigearthnet", f"data.root={bigearthnet_root}", "data.sampler=null"])
+    assert shuffled.train_dataloader().sampler.__class__.__name__ == "RandomSampler"
+
+
 def test_unknown_sampler_is_refused_in_one_line(train_config):
-    with pytest.raises(ValueError, match=r"^data.sampler must be null, shuffle or balanced, not 'weighted'$"):
+    with pytest.raises(ValueError, match=r"^data.sampler must be null, auto, shuffle or balanced, not 'weighted'$"):
         build_datamodule(train_config(["data.sampler=weighted"]).data)
 
 

@@ -305,3 +305,22 @@ def test_balanced_sampler_on_a_streamed_pack_is_refused_in_one_line(train_config
     assert str(refused.value) == (
         f"{s3_pack}: data.sampler=balanced draws tiles one by one and a pack in object storage streams whole "
         "chunks: copy the pack to a local folder, or set data.sampler=null")
+
+
+def test_default_sampler_streams_a_multilabel_pack_in_object_storage(train_config, s3_bucket, bigearthnet_root, tmp_path):
+    """``data.sampler=auto`` is the balanced draw for multi-label data, except from a pack in object
+    storage, which serves whole chunks: there it streams them shuffled instead of refusing."""
+    from deforest.data.bigearthnet import BigEarthNetLayout
+
+    pack_dataset(BigEarthNetLayout(bigearthnet_root, size=60), tmp_path / "ben")
+    url = f"{s3_bucket}/ben-auto"
+    upload_pack(tmp_path / "ben", url)
+    remote = build_datamodule(train_config(["data=bigearthnet", f"data.packed={url}", "data.batch_size=4",
+                                            f"paths.cache_dir={tmp_path / 'cache'}"]).data)
+    remote.setup("fit")
+    assert remote.task == "multilabel" and remote.sampler == "shuffle"
+    batch = next(iter(remote.train_dataloader()))
+    assert batch["image"].shape[0] == 4 and batch["target"].shape[1] == len(remote.class_names) > 1
+    local = build_datamodule(train_config(["data=bigearthnet", f"data.packed={tmp_path / 'ben'}"]).data)
+    local.setup("fit")
+    assert local.sampler == "balanced"

@@ -334,7 +334,8 @@ def test_default_loss(shrunk):
     # auto: inverse_count for the sample's multi-class head
     assert (criterion.task, criterion.num_classes, criterion.scheme, criterion.normalize) == (
         "multiclass", 10, "inverse_count", "mean")
-    assert raw().loss.multilabel_scheme == "pos_weight" and raw().loss.label_smoothing == 0.1
+    assert raw().loss.multilabel_scheme == "tolerant" and raw().loss.label_smoothing == 0.1 and raw().loss.negative_scale is None
+    assert raw().data.sampler == "auto"
 
 
 # ---- experiments ------------------------------------------------------------------------------
@@ -353,7 +354,7 @@ def test_experiments_compose_with_their_settings(monkeypatch):
         "eurosat_resnet18": ("folder", "resnet18", 128, 40),
         "forest_loss": ("pairs", "small_cnn", 16, 60),
         "imbalance": ("folder", "small_cnn", 32, 15),
-        "imbalance_multilabel": ("manifest", "small_cnn", 32, 15),
+        "imbalance_multilabel": ("manifest", "small_cnn", 32, 25),
     }
     benchmark = raw(["experiment=bigearthnet19_benchmark"])
     assert benchmark.data.root == str(BIGEARTHNET)  # the shipped patches unless BIGEARTHNET_ROOT says otherwise

@@ -283,7 +283,7 @@ def test_constant_predictor_optimum_of_a_rare_label(scheme, batch, expected, tol
 def test_balanced_schemes_move_the_optimum_up_not_down(batch):
     """``balanced`` and ``pos_weight`` lift a 2% label's optimum above its rate (the prior
     correction undoes it); ``inverse_count`` is the one that halves it."""
-    optima = {s: _constant_optimum(s, batch) for s in ("balanced", "pos_weight", "effective_number")}
+    optima = {s: _constant_optimum(s, batch) for s in ("balanced", "pos_weight", "tolerant", "effective_number")}
     for scheme, p in optima.items():
         assert 0.05 < p < 0.6, (scheme, p)
 
@@ -294,7 +294,12 @@ def test_smoothing_never_turns_a_weighted_negative_into_a_positive(scheme):
     negative, so the loss must be lowest at a small p (the smoothed target 0.05 at most),
     whatever weight the scheme gives the label's positives."""
     p = _constant_optimum(scheme, 64, rate=0.0, smoothing=0.1)
-    assert p < 0.1, p
+    if scheme == "tolerant":
+        # its negatives' BCE is taken at logit 2z: lowest where sigmoid(2z) is the smoothed target 0.05,
+        # p = sigmoid(logit(0.05) / 2), the same as unweighted: the weights move nothing
+        assert p == pytest.approx(1 / (1 + math.sqrt(19)), abs=0.002), p
+    else:
+        assert p < 0.1, p
 
 
 def _scale(scheme: str, task: str, targets: torch.Tensor, c: int) -> float:
@@ -320,7 +325,7 @@ def _batches(task: str, c: int = 10, n: int = 64):
 @pytest.mark.parametrize(
     "task, scheme",
     [(MC, s) for s in ("inverse_frequency", "effective_number")]
-    + [(ML, s) for s in ("inverse_frequency", "effective_number", "pos_weight", "balanced", "logit_adjusted")],
+    + [(ML, s) for s in ("inverse_frequency", "effective_number", "pos_weight", "tolerant", "balanced", "logit_adjusted")],
 )
 def test_loss_scale_stays_within_2x_when_half_the_classes_are_absent(task, scheme):
     all_classes, half = _batches(task)
@@ -355,3 +360,32 @@ def test_multilabel_only_scheme_on_multiclass_data_is_a_config_error(train_confi
     datamodule.setup("fit")
     with pytest.raises(ConfigError, match=rf"loss\.scheme={scheme} .* needs a multi-label task; this data is multiclass"):
         build_model(cfg.model, cfg.loss, datamodule)
+
+
+def test_negative_tolerance_reshapes_only_the_negative_terms():
+    """``negative_scale`` (lambda): a negative's BCE is softplus(lambda z) / lambda, a positive's stays
+    -log sigmoid(z); an easy negative (z = -3) pulls 19x less at lambda = 2, a wrong one (z = 3) about as much."""
+    logits = torch.tensor([[-3.0, 3.0, -3.0, 3.0]], requires_grad=True)
+    targets = torch.tensor([[0, 0, 1, 1]])
+    plain = DynamicWeightedLoss(ML, 4, scheme="none", normalize="mean")
+    tolerant = DynamicWeightedLoss(ML, 4, scheme="none", normalize="mean", negative_scale=2.0)
+    (grad_plain,) = torch.autograd.grad(plain(logits, targets), logits)
+    (grad_tolerant,) = torch.autograd.grad(tolerant(logits, targets), logits)
+    value = tolerant(logits, targets).item() * 4
+    expected = F.softplus(torch.tensor(-6.0)) / 2 + F.softplus(torch.tensor(6.0)) / 2 + F.softplus(torch.tensor(3.0)) + F.softplus(torch.tensor(-3.0))
+    assert value == pytest.approx(expected.item(), rel=1e-6)
+    ratio = grad_plain[0] / grad_tolerant[0]
+    assert ratio[0].item() == pytest.approx(math.exp(3) * (1 + math.exp(-6)) / (1 + math.exp(-3)), rel=1e-5)  # ~19
+    assert ratio[1].item() == pytest.approx(0.955, abs=0.002)
+    assert torch.equal(grad_plain[0, 2:], grad_tolerant[0, 2:])  # positives untouched
+
+
+def test_negative_scale_one_is_plain_and_bad_values_are_refused():
+    logits, targets = torch.randn(16, 5), (torch.rand(16, 5) < 0.3).long()
+    base = DynamicWeightedLoss(ML, 5, scheme="pos_weight", label_smoothing=0.1)
+    same = DynamicWeightedLoss(ML, 5, scheme="pos_weight", label_smoothing=0.1, negative_scale=1.0)
+    assert torch.equal(base(logits, targets), same(logits, targets))
+    with pytest.raises(ValueError, match="negative_scale must be > 0"):
+        DynamicWeightedLoss(ML, 5, negative_scale=0.0)
+    with pytest.raises(ValueError, match="both reshape the negative term"):
+        DynamicWeightedLoss(ML, 5, scheme="asymmetric", negative_scale=2.0)

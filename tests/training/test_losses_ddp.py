@@ -22,7 +22,7 @@ CASES = [
     (task, scheme, normalize)
     for task in ("multiclass", "multilabel")
     for scheme in ("none", "static", "inverse_count", "inverse_frequency", "effective_number", "ema", "pos_weight", "focal",
-                   "balanced", "asymmetric", "logit_adjusted")
+                   "balanced", "asymmetric", "logit_adjusted", "tolerant")
     for normalize in ("mean", "weighted")
     if not (scheme in MULTILABEL_ONLY and task == "multiclass")
 ]
