@@ -183,7 +183,9 @@ def _write_records(
         *band_lines(model.spec, model.band_statistics is not None),
         f"- splits: " + ", ".join(f"{s} {len(d)}" for s, d in dm.datasets.items())
         + f" ({dm.input_spec.split.kind}, digest {dm.input_spec.split.digest}, {dm.dropped_at_edges} dropped at block edges)",
-        f"- model: {cfg.model.backbone} (weights: {cfg.model.get('weights') or 'random'}), loss scheme {cfg.loss.scheme} ({cfg.loss.normalize})",
+        f"- model: {cfg.model.backbone} (weights: {cfg.model.get('weights') or 'random'}), "
+        f"loss {model.criterion.scheme} (loss.scheme={cfg.loss.scheme}, {cfg.loss.normalize}), "
+        f"training draw {dm.sampler} (data.sampler={cfg.data.get('sampler')})",
         f"- best checkpoint: `{metrics.get('best_checkpoint', '')}`",
         f"- bad tiles skipped: {len(dm.bad_tiles)}" + (" (listed in `bad_tiles.json`)" if dm.bad_tiles else ""),
         "",

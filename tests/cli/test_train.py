@@ -26,6 +26,7 @@ def test_fast_dev_run_multiclass(train_config, tmp_path):
     summary = (tmp_path / "summary.md").read_text()
     assert re.search(r"- splits: train 196, val 20, test 54 \(random, digest [0-9a-f]{16}, 0 dropped at block edges\)", summary)
     assert f"| test/accuracy | {metrics['test/accuracy']:.4f} |" in summary
+    assert "loss inverse_count (loss.scheme=auto, mean), training draw shuffle (data.sampler=auto)" in summary
     assert (tmp_path / "class_distribution.png").stat().st_size > 1000
 
 
@@ -35,6 +36,9 @@ def test_fast_dev_run_multilabel_bigearthnet(train_config, bigearthnet_root, tmp
     for key in ("test/f1_micro", "test/f1_macro", "test/map"):
         assert 0.0 <= metrics[key] <= 1.0
     assert any(k.startswith("test/recall/") for k in metrics)
+    # what auto resolved to for multi-label data: the tolerant loss and the balanced draw
+    assert "loss tolerant (loss.scheme=auto, mean), training draw balanced (data.sampler=auto)" in (
+        tmp_path / "summary.md").read_text()
 
 
 @pytest.mark.slow  # 8 epochs; test_report's runs cover checkpoints in the default set
