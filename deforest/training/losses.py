@@ -318,7 +318,11 @@ class DynamicWeightedLoss(nn.Module):
         soft = hard * (1.0 - self.label_smoothing) + 0.5 * self.label_smoothing
         if self.scheme == "logit_adjusted":
             logits = logits + self.logit_offset()
-        log_p, log_not_p = F.logsigmoid(logits), F.logsigmoid(-logits)
+        # Negative-tolerant regularisation: a negative's (smoothed) BCE is taken at lambda * z and
+        # divided by lambda; positives keep scale 1. Focusing below still sees the raw logits.
+        scale = torch.where(hard > 0, 1.0, self.negative_scale) if self.negative_scale != 1.0 else None
+        scaled = logits if scale is None else logits * scale
+        log_p, log_not_p = F.logsigmoid(scaled), F.logsigmoid(-scaled)
         # Focusing, like the weight, follows the hard target and scales the element's whole
         # smoothed BCE: focusing only the negative part of a negative would leave its smoothed
         # positive part in charge and pull the negative towards p = 0.5.
@@ -333,11 +337,8 @@ class DynamicWeightedLoss(nn.Module):
             p = torch.sigmoid(logits)
             focus_pos, focus_neg = (1.0 - p) ** self.gamma, p**self.gamma
         bce = -soft * log_p - (1.0 - soft) * log_not_p
-        if self.negative_scale != 1.0:
-            # negative-tolerant regularisation: a negative's (smoothed) BCE at lambda * z, over lambda
-            scaled = self.negative_scale * logits
-            tolerant = (-soft * F.logsigmoid(scaled) - (1.0 - soft) * F.logsigmoid(-scaled)) / self.negative_scale
-            bce = torch.where(hard > 0, bce, tolerant)
+        if scale is not None:
+            bce = bce / scale
         if focus_neg is not None:
             focus = hard * (1.0 if focus_pos is None else focus_pos) + (1.0 - hard) * focus_neg
             bce = bce * focus
